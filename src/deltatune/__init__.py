@@ -1,0 +1,22 @@
+"""deltatune: adapt a pretrained transformer by learning a small delta.
+
+    import deltatune as dt
+    model = dt.wrap(base_model, dt.LoRA(rank=8, alpha=16, targets="all-linear"))
+    trainable, total = dt.trainable_parameters(model)
+    dt.save_adapter(model, "out/")                 # peft on-disk format
+    model = dt.load_adapter(base_model, "out/")    # method read from adapter_config.json
+    plain = dt.merge(model)                        # base architecture, delta folded in
+    with dt.disabled(model): ...                   # base behaviour
+"""
+
+from deltatune.errors import DeltatuneError
+from deltatune.methods import METHODS, DeltaModule, LoRA, Method
+from deltatune.model import DeltaModel, disabled, merge, trainable_parameters, wrap
+from deltatune.peft_format import load_adapter, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "DeltaModel", "DeltaModule", "DeltatuneError", "LoRA", "Method",
+    "disabled", "load_adapter", "merge", "save_adapter", "trainable_parameters", "wrap",
+]

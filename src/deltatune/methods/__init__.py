@@ -1,0 +1,31 @@
+"""The method registry: one dict literal, CLI name → config class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltatune.errors import DeltatuneError
+from deltatune.methods.lora import LoRA
+from deltatune.methods.protocol import DeltaModule, Method
+
+METHODS: dict[str, type] = {
+    "lora": LoRA,
+}
+
+
+def method_class(cli_name: str) -> type:
+    if cli_name not in METHODS:
+        raise DeltatuneError(f"Unknown method {cli_name!r}; choose one of: {', '.join(METHODS)}.")
+    return METHODS[cli_name]
+
+
+def method_from_peft_config(config: dict[str, Any]) -> Method:
+    peft_type = config.get("peft_type")
+    for cls in METHODS.values():
+        if cls.peft_type == peft_type:
+            return cls.from_peft_config(config)
+    known = ", ".join(cls.peft_type for cls in METHODS.values())
+    raise DeltatuneError(f"adapter_config.json has peft_type {peft_type!r}, which deltatune cannot load; it reads {known}.")
+
+
+__all__ = ["METHODS", "DeltaModule", "LoRA", "Method", "method_class", "method_from_peft_config"]

@@ -1,0 +1,415 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv 2106.09685).
+
+Beside a frozen weight W (out × in) learn a rank-r bypass; only A and B train:
+
+    h = W x + s · B (A x),    A: r × in,  B: out × r,  s = α / r   (rsLoRA: s = α / √r)
+
+Init: A random (Kaiming-uniform, or Gaussian with std 1/r), B = 0, so the wrapped model
+equals the base model at step 0. PiSSA init (arXiv 2404.02948) instead takes A and B from
+the top-r singular triplets of W (s·B A = U_r S_r V_rᵀ) and keeps the residual in W; at save
+time it is rewritten as a plain LoRA of rank 2r relative to the original W, so any LoRA
+loader (peft included) reads it.
+
+Merge is a pure function on tensors: W' = W + s·B A, transposed for GPT-2's Conv1D (whose
+weight is in × out), computed in fp32 whatever the storage dtype. Embedding layers use
+A: r × vocab and B: dim × r, so the delta to the (vocab × dim) table is s·(B A)ᵀ.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.errors import DeltatuneError
+from deltatune.methods.protocol import DeltaModule, check_shapes
+from deltatune.targets import ALL_LINEAR, Targets, find_targets, pattern_value, resolve_targets, target_names_for_config
+
+INITS = ("kaiming", "gaussian", "pissa")
+BIASES = ("none", "all", "lora_only")
+
+
+# --- the math, as pure functions -----------------------------------------------------------
+def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
+    """s = α/r, or α/√r for rank-stabilised LoRA (arXiv 2312.03732)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, transposed: bool = False) -> torch.Tensor:
+    """s·B A in fp32, as (out × in); (in × out) when ``transposed`` (Conv1D, embeddings)."""
+    delta = (lora_B.float() @ lora_A.float()) * scale  # (out, r) @ (r, in) -> (out, in)
+    return delta.T if transposed else delta
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                  transposed: bool = False) -> torch.Tensor:
+    """W' = W + s·B A, summed in fp32 and cast back to W's dtype."""
+    return (weight.float() + lora_delta(lora_A, lora_B, scale, transposed)).to(weight.dtype)
+
+
+def svd_init(weight_out_in: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PiSSA: A, B with s·B A = U_r S_r V_rᵀ, and the residual W − s·B A (all fp32, out × in)."""
+    U, S, Vh = torch.linalg.svd(weight_out_in.float(), full_matrices=False)
+    root = torch.sqrt(S[:rank] / scale)  # (r,)
+    lora_A = root[:, None] * Vh[:rank]  # (r, in)
+    lora_B = U[:, :rank] * root[None, :]  # (out, r)
+    residual = weight_out_in.float() - scale * (lora_B @ lora_A)
+    return lora_A, lora_B, residual
+
+
+# --- the config ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoRA:
+    """LoRA hyper-parameters. ``targets``: names, a regex, "all-linear", or None for defaults."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: Targets = None
+    dropout: float = 0.0
+    rslora: bool = False
+    bias: str = "none"
+    init: str = "kaiming"
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    modules_to_save: tuple[str, ...] = ()
+
+    peft_type: ClassVar[str] = "LORA"
+    cli_name: ClassVar[str] = "lora"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, (list, tuple)):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+        if not (isinstance(self.rank, int) and self.rank > 0):
+            raise DeltatuneError(f"LoRA rank must be a positive integer, got {self.rank!r}.")
+        if any(not (isinstance(r, int) and r > 0) for r in self.rank_pattern.values()):
+            raise DeltatuneError(f"Every rank in rank_pattern must be a positive integer, got {self.rank_pattern!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DeltatuneError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.init not in INITS:
+            raise DeltatuneError(f"LoRA init must be one of {', '.join(INITS)}, got {self.init!r}.")
+        if self.bias not in BIASES:
+            raise DeltatuneError(f"LoRA bias must be one of {', '.join(BIASES)}, got {self.bias!r}.")
+
+    def rank_for(self, path: str) -> int:
+        return int(pattern_value(path, self.rank_pattern, self.rank))
+
+    def alpha_for(self, path: str) -> float:
+        return float(pattern_value(path, self.alpha_pattern, self.alpha))
+
+    # --- Method protocol -----------------------------------------------------------------
+    def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
+        paths = find_targets(model, self.targets, LORA_LAYERS)
+        for path in paths:
+            module = model.get_submodule(path)
+            if not isinstance(module, LoRALayer):
+                module = LoRALayer(module)
+                model.set_submodule(path, module)
+            module.add_adapter(
+                adapter_name, rank=self.rank_for(path), alpha=self.alpha_for(path), dropout=self.dropout,
+                rslora=self.rslora, init=self.init, train_bias=self.bias == "lora_only",
+            )
+        if self.bias == "all":
+            for path, module in model.named_modules():
+                if isinstance(getattr(module, "bias", None), nn.Parameter) and not isinstance(module, LoRALayer):
+                    if not isinstance(module, TrainedBias) and path:
+                        model.set_submodule(path, TrainedBias(module))
+                    model.get_submodule(path).add_adapter(adapter_name)
+        if self.modules_to_save:
+            paths += inject_trained_copies(model, self.modules_to_save, adapter_name)
+        return paths
+
+    def peft_config(self, model: nn.Module) -> dict[str, Any]:
+        targets = resolve_targets(self.targets, model)
+        if targets == ALL_LINEAR:
+            paths = [p for p, m in model.named_modules() if isinstance(m, LoRALayer)]
+            targets = target_names_for_config(model, paths)
+        config = {
+            "peft_type": self.peft_type,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets if isinstance(targets, str) else list(targets),
+            "use_rslora": self.rslora,
+            "bias": self.bias,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "modules_to_save": list(self.modules_to_save) or None,
+            "fan_in_fan_out": any(isinstance(m, LoRALayer) and m.transposed and not m.is_embedding for m in model.modules()),
+            "init_lora_weights": True,
+            "use_dora": False,
+        }
+        if self.init == "pissa":  # saved as the equivalent rank-2r LoRA on the original W
+            growth = math.sqrt(2) if self.rslora else 2.0
+            config.update(r=2 * self.rank, lora_alpha=growth * self.alpha,
+                          rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
+                          alpha_pattern={k: growth * v for k, v in self.alpha_pattern.items()})
+            for key, rank in self.rank_pattern.items():  # a pattern on rank alone needs its alpha doubled too
+                if key not in self.alpha_pattern:
+                    config["alpha_pattern"][key] = growth * self.alpha
+        return config
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> "LoRA":
+        unsupported = {"use_dora": False, "layers_to_transform": None, "layer_replication": None}
+        for key, default in unsupported.items():
+            if config.get(key, default) not in (default, [], {}):
+                raise DeltatuneError(f"This adapter sets {key}={config[key]!r}, which deltatune does not support yet; "
+                                     "retrain it without that option.")
+        known = {"r": "rank", "lora_alpha": "alpha", "target_modules": "targets", "lora_dropout": "dropout",
+                 "use_rslora": "rslora", "bias": "bias", "rank_pattern": "rank_pattern",
+                 "alpha_pattern": "alpha_pattern", "modules_to_save": "modules_to_save"}
+        quiet = {"peft_type", "task_type", "base_model_name_or_path", "fan_in_fan_out", "init_lora_weights",
+                 "inference_mode", "revision", "auto_mapping", "peft_version", *unsupported}
+        ignored = sorted(k for k in config if k not in known and k not in quiet and config[k] not in (None, False, [], {}))
+        if ignored:
+            warnings.warn(f"adapter_config.json keys not used by deltatune were ignored: {', '.join(ignored)}", stacklevel=2)
+        kwargs = {ours: config[theirs] for theirs, ours in known.items() if config.get(theirs) is not None}
+        return cls(**kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# --- the layer -----------------------------------------------------------------------------
+LORA_LAYERS = (nn.Linear, Conv1D, nn.Embedding)
+
+
+class LoRALayer(DeltaModule):
+    """Wraps one ``nn.Linear``, ``Conv1D`` or ``nn.Embedding``; holds any number of named adapters."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.is_embedding = isinstance(base_layer, nn.Embedding)
+        self.transposed = isinstance(base_layer, Conv1D) or self.is_embedding  # weight is (in × out)
+        weight = base_layer.weight
+        self.in_features, self.out_features = (weight.shape if self.transposed else weight.shape[::-1])
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.svd_init_state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA's A₀, B₀
+        self.trains_bias: set[str] = set()
+        self._merged: list[str] = []
+
+    @property
+    def weight(self) -> torch.Tensor:  # so code that reads `.weight` of a projection still works
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    # --- adapters ------------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                    init: str = "kaiming", train_bias: bool = False) -> None:
+        if self._merged:
+            raise DeltatuneError("Cannot add an adapter while others are merged; unmerge first.")
+        weight = self.base_layer.weight
+        kwargs = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+        scale = lora_scale(rank, alpha, rslora)
+        lora_A = torch.empty(rank, self.in_features, **kwargs)
+        lora_B = torch.zeros(self.out_features, rank, **kwargs)
+        if init == "pissa":
+            lora_A, lora_B = self._take_svd_init(name, rank, scale)
+        elif init == "gaussian":
+            nn.init.normal_(lora_A, std=1.0 / rank)
+        elif self.is_embedding:  # peft's convention for embeddings: A zero, B normal
+            lora_A.zero_()
+            nn.init.normal_(lora_B)
+        else:
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(lora_A)
+        self.lora_B[name] = nn.Parameter(lora_B)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = scale
+        if train_bias and self.bias is not None:
+            self.trains_bias.add(name)
+        self.active_adapters = (*self.active_adapters, name) if not self.active_adapters else self.active_adapters
+
+    def _take_svd_init(self, name: str, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.base_layer.weight
+        lora_A, lora_B, residual = svd_init(weight.T if self.transposed else weight, rank, scale)
+        self.base_layer.weight = nn.Parameter((residual.T if self.transposed else residual).to(weight.dtype),
+                                              requires_grad=False)
+        self.svd_init_state[name] = (lora_A.clone(), lora_B.clone())
+        return lora_A.to(weight.dtype), lora_B.to(weight.dtype)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        params = {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
+        if name in self.trains_bias:
+            params["bias"] = self.base_layer.bias
+        return params
+
+    def _keys(self) -> tuple[str, str]:
+        return ("lora_embedding_A", "lora_embedding_B") if self.is_embedding else ("lora_A.weight", "lora_B.weight")
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        key_A, key_B = self._keys()
+        lora_A, lora_B = self.lora_A[name].detach(), self.lora_B[name].detach()
+        if name in self.svd_init_state:  # W_res + B A = W + [B, −B₀] [A; A₀]: a plain LoRA of rank 2r
+            init_A, init_B = self.svd_init_state[name]
+            lora_A = torch.cat([lora_A, init_A.to(lora_A)], dim=0)
+            lora_B = torch.cat([lora_B, -init_B.to(lora_B)], dim=1)
+        state = {key_A: lora_A, key_B: lora_B}
+        if name in self.trains_bias:
+            state["bias"] = self.base_layer.bias.detach()
+        return state
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
+        key_A, key_B = self._keys()
+        if key_A in state and state[key_A].shape[0] != self.lora_A[name].shape[0]:
+            self._resize(name, state[key_A].shape[0])
+        expected = {key_A: self.lora_A[name].shape, key_B: self.lora_B[name].shape}
+        check_shapes(where, expected, state)
+        self.svd_init_state.pop(name, None)
+        with torch.no_grad():
+            self.lora_A[name].copy_(state[key_A])
+            self.lora_B[name].copy_(state[key_B])
+            if "bias" in state and self.bias is not None:
+                check_shapes(where, {"bias": self.bias.shape}, state)
+                self.base_layer.bias.copy_(state["bias"])
+
+    def _resize(self, name: str, rank: int) -> None:
+        """A saved rank that differs from the config's (rank_pattern, PiSSA): keep the scale, change r."""
+        old = self.lora_A[name]
+        self.lora_A[name] = nn.Parameter(old.new_zeros(rank, self.in_features), requires_grad=old.requires_grad)
+        self.lora_B[name] = nn.Parameter(old.new_zeros(self.out_features, rank), requires_grad=old.requires_grad)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self._merged:
+            raise DeltatuneError(f"Adapter {name!r} is merged; unmerge it before deleting it.")
+        for container in (self.lora_A, self.lora_B, self.lora_dropout):
+            del container[name]
+        self.scaling.pop(name)
+        self.svd_init_state.pop(name, None)
+        self.trains_bias.discard(name)
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    # --- merge ---------------------------------------------------------------------------
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        return tuple(self._merged)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """s·B A in the base weight's own layout (fp32)."""
+        return lora_delta(self.lora_A[name], self.lora_B[name], self.scaling[name], self.transposed)
+
+    def merge(self, names: Iterable[str]) -> None:
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self._merged or name not in self.lora_A:
+                continue
+            # A new Parameter rather than an in-place add: a tied weight (embeddings shared with
+            # the output head) keeps its original value in the module that was not adapted.
+            weight = nn.Parameter(merged_weight(weight, self.lora_A[name], self.lora_B[name], self.scaling[name],
+                                                self.transposed), requires_grad=False)
+            self._merged.append(name)
+        self.base_layer.weight = weight
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight.float()
+        while self._merged:
+            weight = weight - self.delta(self._merged.pop())
+        self.base_layer.weight = nn.Parameter(weight.to(self.base_layer.weight.dtype), requires_grad=False)
+
+    def unload(self) -> nn.Module:
+        return self.base_layer
+
+    # --- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.batch_adapter_names is not None:
+            return self._forward_per_example(x, out)
+        for name in self.active_adapters:
+            if name not in self._merged:
+                out = out + self._lora(x, name)
+        return out
+
+    def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        if self.is_embedding:  # A is (r × vocab): row lookup of Aᵀ
+            hidden = F.embedding(x, lora_A.T, self.base_layer.padding_idx)  # (..., r)
+        else:
+            x = self.lora_dropout[name](x)
+            hidden = F.linear(x.to(lora_A.dtype), lora_A)  # (..., in) -> (..., r)
+        return F.linear(hidden, lora_B) * self.scaling[name]  # (..., r) -> (..., out)
+
+    def _forward_per_example(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each example of the batch uses its own adapter ("__base__": none)."""
+        if self._merged:
+            raise DeltatuneError("Per-example adapters need unmerged weights; call unmerge_adapter() first.")
+        names = list(self.batch_adapter_names)
+        if len(names) != x.shape[0]:
+            raise DeltatuneError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} examples.")
+        out = out.clone()
+        for name in dict.fromkeys(names):
+            if name not in self.lora_A:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            out[rows] = out[rows] + self._lora(x[rows], name).to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
+        return f"ranks={ranks}, transposed={self.transposed}"
+
+
+class TrainedBias(DeltaModule):
+    """bias="all": the bias of a module that LoRA does not wrap trains in place."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.names: list[str] = []
+
+    def __getattr__(self, attr: str) -> Any:
+        try:
+            return super().__getattr__(attr)
+        except AttributeError:
+            return getattr(self._modules["base_layer"], attr)
+
+    def add_adapter(self, name: str) -> None:
+        self.names.append(name)
+        self.active_adapters = self.active_adapters or (name,)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.names)
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return {"bias": self.base_layer.bias}
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {"bias": self.base_layer.bias.detach()}
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
+        check_shapes(where, {"bias": self.base_layer.bias.shape}, state)
+        with torch.no_grad():
+            self.base_layer.bias.copy_(state["bias"])
+
+    def delete_adapter(self, name: str) -> None:
+        self.names.remove(name)
+
+    def merge(self, names: Iterable[str]) -> None:
+        pass  # the bias is trained in place: it is always merged
+
+    def unload(self) -> nn.Module:
+        return self.base_layer
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_layer(*args, **kwargs)
+
+
+from deltatune.methods.trained_copy import inject_trained_copies  # noqa: E402  (cycle-free: leaf module)

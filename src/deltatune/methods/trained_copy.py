@@ -1,0 +1,85 @@
+"""modules_to_save: a whole module (say a fresh classification head) trained in full.
+
+Each adapter gets its own copy of the module; the original stays as the base behaviour, so
+``disabled()`` and switching adapters work as for any other delta. Saved in peft's layout,
+under the module's own path (``base_model.model.score.weight``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from deltatune.errors import DeltatuneError
+from deltatune.methods.protocol import DeltaModule, check_shapes
+from deltatune.targets import is_match
+
+
+class TrainedCopy(DeltaModule):
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.copies = nn.ModuleDict()
+
+    def add_adapter(self, name: str) -> None:
+        self.copies[name] = copy.deepcopy(self.base_layer)
+        self.active_adapters = self.active_adapters or (name,)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.copies.keys())
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return dict(self.copies[name].named_parameters())
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.copies[name].state_dict().items()}
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
+        own = self.copies[name].state_dict()
+        check_shapes(where, {k: v.shape for k, v in own.items()}, state)
+        self.copies[name].load_state_dict({k: state[k] for k in own})
+
+    def delete_adapter(self, name: str) -> None:
+        del self.copies[name]
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    def merge(self, names: Iterable[str]) -> None:
+        names = [n for n in names if n in self.copies]
+        if len(names) > 1:
+            raise DeltatuneError("Two adapters each train their own copy of the same module; merge only one of them.")
+        self._merged = names
+
+    def unmerge(self) -> None:
+        self._merged = []
+
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        return tuple(getattr(self, "_merged", ()))
+
+    def unload(self) -> nn.Module:
+        merged = self.merged_adapters
+        return self.copies[merged[0]] if merged else self.base_layer
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.batch_adapter_names is not None:
+            raise DeltatuneError("Per-example adapter choice is not available for modules_to_save.")
+        names = self.merged_adapters or self.active_adapters
+        module = self.copies[names[-1]] if names else self.base_layer
+        return module(*args, **kwargs)
+
+
+def inject_trained_copies(model: nn.Module, names: Sequence[str], adapter_name: str) -> list[str]:
+    paths = [p for p, m in model.named_modules() if p and is_match(p, names) and not isinstance(m, DeltaModule)
+             and not any(p.startswith(q + ".") for q, o in model.named_modules() if isinstance(o, TrainedCopy))]
+    paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]  # outermost match only
+    wrapped = [p for p, m in model.named_modules() if isinstance(m, TrainedCopy) and is_match(p, names)]
+    if not paths and not wrapped:
+        raise DeltatuneError(f"modules_to_save {list(names)!r} match no module of this model.")
+    for path in paths:
+        model.set_submodule(path, TrainedCopy(model.get_submodule(path)))
+    for path in paths + wrapped:
+        model.get_submodule(path).add_adapter(adapter_name)
+    return paths + wrapped

@@ -1,0 +1,133 @@
+"""Save and load adapters in the Hugging Face peft on-disk format.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. Tensor keys are the
+module path in the base model with a ``base_model.model.`` prefix and the adapter name left
+out, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deltatune.atomic import atomic_directory
+from deltatune.errors import DeltatuneError
+from deltatune.methods import method_from_peft_config
+from deltatune.model import DeltaModel, wrap
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+              "ForConditionalGeneration": "SEQ_2_SEQ_LM", "ForTokenClassification": "TOKEN_CLS",
+              "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return next((task for suffix, task in TASK_TYPES.items() if name.endswith(suffix)), None)
+
+
+def adapter_state_dict(model: DeltaModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one adapter under its peft key."""
+    state = {}
+    for path, module in model.delta_modules():
+        if adapter_name in module.adapter_names():
+            for local, tensor in module.adapter_state(adapter_name).items():
+                state[f"{KEY_PREFIX}{path}.{local}"] = tensor.detach().to("cpu").contiguous().clone()
+    return state
+
+
+def adapter_config(model: DeltaModel, adapter_name: str) -> dict[str, Any]:
+    base = model.base_model
+    config = model.methods[adapter_name].peft_config(base)
+    config["task_type"] = task_type(base)
+    config["base_model_name_or_path"] = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+    config["inference_mode"] = True
+    return config
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write one adapter (default: the active one) as a peft folder, atomically."""
+    if not isinstance(model, DeltaModel):
+        raise DeltatuneError("save_adapter needs a model wrapped by deltatune.wrap(...) or deltatune.load_adapter(...).")
+    name = adapter_name or model.active_adapter
+    model._require(name)
+    state = adapter_state_dict(model, name)
+    config = adapter_config(model, name)
+    with atomic_directory(directory) as staging:
+        save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return Path(directory)
+
+
+def read_adapter_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, tensors) of a peft adapter folder, with one-sentence errors for what is wrong."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not directory.is_dir():
+        raise DeltatuneError(f"Adapter folder {str(directory)!r} does not exist; pass the output folder of 'deltatune train'.")
+    if not config_path.is_file():
+        raise DeltatuneError(f"{str(directory)!r} has no {CONFIG_NAME}; it is not an adapter folder.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DeltatuneError(f"{config_path} is not valid JSON ({error.msg} at line {error.lineno}); fix or re-save the adapter.") from None
+    if not weights_path.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise DeltatuneError(f"{str(directory)!r} holds adapter_model.bin (a pickle, unsafe to load); "
+                                 "convert it to adapter_model.safetensors with peft first.")
+        raise DeltatuneError(f"{str(directory)!r} has no {WEIGHTS_NAME}; the adapter was not saved completely.")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise DeltatuneError(f"{weights_path} is not a readable safetensors file ({error}); re-save the adapter.") from None
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                 trainable: bool = False) -> DeltaModel:
+    """Put the adapter saved in ``directory`` onto ``model`` (a base model or a DeltaModel)."""
+    config, tensors = read_adapter_folder(directory)
+    method = method_from_peft_config(config)
+    wrapped = wrap(model, method, adapter_name)
+    load_adapter_tensors(wrapped, adapter_name, tensors, config.get("base_model_name_or_path"))
+    for param in wrapped.adapter_parameters(adapter_name).values():
+        param.requires_grad_(trainable)
+    return wrapped
+
+
+def load_adapter_tensors(model: DeltaModel, adapter_name: str, tensors: dict[str, torch.Tensor],
+                         made_for: str | None = None) -> None:
+    owners = {path: module for path, module in model.delta_modules() if adapter_name in module.adapter_names()}
+    by_owner: dict[str, dict[str, torch.Tensor]] = {path: {} for path in owners}
+    for key, tensor in tensors.items():
+        path = _owner_of(key, owners)
+        if path is None:
+            hint = f" (it was made for {made_for})" if made_for else ""
+            raise DeltatuneError(f"Adapter tensor {key!r} has no matching module in this base model{hint}; "
+                                 "load the adapter on the model it was trained on.")
+        by_owner[path][key[len(KEY_PREFIX) + len(path) + 1:]] = tensor
+    for path, module in owners.items():
+        module.load_adapter_state(adapter_name, by_owner[path], where=f"{KEY_PREFIX}{path}")
+
+
+def _owner_of(key: str, owners: dict[str, Any]) -> str | None:
+    """The longest delta-module path that ``key`` lies under."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    rest = key[len(KEY_PREFIX):]
+    parts = rest.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:cut])
+        if candidate in owners:
+            return candidate
+    return None

@@ -1,0 +1,302 @@
+"""One training loop for every method: it trains whatever parameters require grad.
+
+The loop never asks which method made the model. LoRA, prompt tuning and full fine-tuning
+differ only in which parameters have ``requires_grad=True``; the optimizer sees those and
+nothing else. A step is ``gradient_accumulation_steps`` micro-batches of ``batch_size``
+examples; each micro-batch's mean loss is weighted by its share of the step's predicted
+tokens, so accumulating 2 x 4 computes the same update as one batch of 8.
+
+Checkpoints (``output_dir/checkpoint-{step}/``, newest two kept) hold everything needed to
+continue bit-exactly: trainable weights, optimizer and schedule state, and the RNG state.
+The batch order is a function of the step number (see ``deltatune.data.batch_indices``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from deltatune.atomic import atomic_directory, atomic_write_text
+from deltatune.data import IGNORE_INDEX, batch_indices, collate
+from deltatune.errors import DeltatuneError
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+CHECKPOINTS_KEPT = 2
+# Settings that change which batches are seen or how weights move; resume needs them unchanged.
+TRAJECTORY_SETTINGS = (
+    "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
+    "warmup_steps", "lr_schedule", "max_grad_norm", "seed", "bf16",
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 8  # examples per micro-batch; a step sees batch_size * gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    eval_every: int = 100  # 0: evaluate only at the end
+    eval_batches: int = 0  # 0: all eval data
+    save_every: int = 0  # 0: checkpoint only at the end
+    log_every: int = 10
+    max_length: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "max_length"):
+            _require_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "seed"):
+            _require_int(name, getattr(self, name), minimum=0)
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise DeltatuneError(f"{name} must be a number of at least 0, got {value!r}: fix it in the config")
+        if self.learning_rate == 0:
+            raise DeltatuneError("learning_rate is 0, so nothing would be learned: set it above 0, e.g. 2e-4")
+        if self.warmup_steps > self.max_steps:
+            raise DeltatuneError(
+                f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}): lower warmup_steps"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DeltatuneError(f"lr_schedule {self.lr_schedule!r} is unknown: use one of {', '.join(LR_SCHEDULES)}")
+        for name in ("bf16", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise DeltatuneError(f"{name} must be true or false, got {getattr(self, name)!r}: fix it in the config")
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DeltatuneError(f"{name} must be a whole number of at least {minimum}, got {value!r}: fix it in the config")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float  # loss of the last step run (nan when resuming a finished run)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean eval loss per token)
+    tokens_per_s: float = 0.0
+    checkpoint: Path | None = None  # the final checkpoint folder
+
+
+def learning_rate_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Multiplier on the learning rate for the update after ``step`` updates (0-based).
+
+    Warmup rises linearly to 1 at the last warmup step: (step + 1) / warmup_steps. Then,
+    with progress p = (step - warmup_steps) / (max_steps - warmup_steps) in [0, 1):
+    cosine 0.5 * (1 + cos(pi * p)), linear 1 - p, constant 1.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def train(
+    model: nn.Module,
+    train_examples: Sequence[dict[str, list[int]]],
+    eval_examples: Sequence[dict[str, list[int]]],
+    config: TrainConfig,
+    output_dir: str | Path,
+    *,
+    pad_token_id: int,
+    save_model: Callable[[nn.Module, Path], None],
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the ``requires_grad`` parameters of ``model`` on tokenized examples."""
+    output_dir = Path(output_dir)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise DeltatuneError("the model has no trainable parameters: attach a tuning method before training")
+    if not train_examples:
+        raise DeltatuneError("there are no training examples left after tokenization: add data or raise max_length")
+    device = next(model.parameters()).device
+    torch.manual_seed(config.seed)
+    if config.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise DeltatuneError(f"{type(model).__name__} cannot checkpoint gradients: turn gradient_checkpointing off")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    decay = [p for p in trainable.values() if p.ndim >= 2]  # no weight decay on biases and norms
+    no_decay = [p for p in trainable.values() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+    )
+    scheduler = LambdaLR(optimizer, lambda step: learning_rate_factor(
+        step, warmup_steps=config.warmup_steps, max_steps=config.max_steps, schedule=config.lr_schedule))
+
+    start_step = 0
+    if resume:
+        start_step = _load_checkpoint(_latest_checkpoint(output_dir), trainable, optimizer, scheduler, config)
+    elif _checkpoints(output_dir):
+        raise DeltatuneError(f"{output_dir} already holds checkpoints: pass --resume to continue or pick a new output folder")
+    metrics_path = output_dir / "metrics.jsonl"
+    _keep_metrics_up_to(metrics_path, start_step)
+
+    accumulation = config.gradient_accumulation_steps
+    batches = batch_indices(len(train_examples), config.batch_size, config.seed, start_batch=start_step * accumulation)
+    result = TrainResult(step=start_step, train_loss=math.nan)
+    tokens_seen, started = 0, time.perf_counter()
+    bar = tqdm(total=config.max_steps, initial=start_step, disable=not progress, desc="training")
+    model.train()
+    for step in range(start_step + 1, config.max_steps + 1):
+        micro_batches = [collate([train_examples[i] for i in next(batches)], pad_token_id) for _ in range(accumulation)]
+        learning_rate = optimizer.param_groups[0]["lr"]
+        loss = _accumulate_gradients(model, micro_batches, device, config.bf16)
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        tokens_seen += sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
+        tokens_per_s = tokens_seen / (time.perf_counter() - started)
+        result.step, result.train_loss, result.tokens_per_s = step, loss, tokens_per_s
+        record: dict[str, Any] = {"step": step, "loss": loss, "lr": learning_rate, "tokens_per_s": tokens_per_s}
+        final = step == config.max_steps
+        if eval_examples and (final or (config.eval_every and step % config.eval_every == 0)):
+            record["eval_loss"] = evaluate(model, eval_examples, config, pad_token_id)
+            result.eval_losses.append((step, record["eval_loss"]))
+        if final or "eval_loss" in record or step % config.log_every == 0:
+            with metrics_path.open("a", encoding="utf-8") as metrics:
+                metrics.write(json.dumps(record) + "\n")
+        if final or (config.save_every and step % config.save_every == 0):
+            result.checkpoint = _save_checkpoint(model, trainable, optimizer, scheduler, config, step, output_dir, save_model)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens_per_s:.0f}")
+    bar.close()
+    if result.checkpoint is None:  # resumed a run that had already finished
+        result.checkpoint = _latest_checkpoint(output_dir)
+    return result
+
+
+def _predicted_tokens(labels: torch.Tensor) -> int:
+    """Tokens the causal loss scores: labels shift left by one, so position 0 never counts."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], device: torch.device, bf16: bool) -> float:
+    """Backpropagate the step's token-mean loss through its micro-batches; return that loss."""
+    counts = [_predicted_tokens(batch["labels"]) for batch in micro_batches]
+    total = sum(counts)
+    step_loss = 0.0
+    for batch, count in zip(micro_batches, counts):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
+        (loss * (count / total)).backward()
+        step_loss += loss.item() * count / total
+    return step_loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, eval_examples: Sequence[dict[str, list[int]]], config: TrainConfig, pad_token_id: int) -> float:
+    """Mean loss per predicted token over the first ``eval_batches`` batches (all when 0)."""
+    device = next(model.parameters()).device
+    starts = range(0, len(eval_examples), config.batch_size)
+    if config.eval_batches:
+        starts = starts[: config.eval_batches]
+    model.eval()
+    loss_sum, token_count = 0.0, 0
+    for start in starts:
+        batch = collate(eval_examples[start : start + config.batch_size], pad_token_id)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
+        count = _predicted_tokens(batch["labels"])
+        loss_sum, token_count = loss_sum + loss.item() * count, token_count + count
+    model.train()
+    return loss_sum / max(1, token_count)
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (unfinished ones are hidden temp folders)."""
+    found = [path for path in output_dir.glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", path.name) and (path / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
+
+
+def _latest_checkpoint(output_dir: Path) -> Path:
+    checkpoints = _checkpoints(output_dir)
+    if not checkpoints:
+        raise DeltatuneError(f"no checkpoint to resume from in {output_dir}: drop --resume to start a new run")
+    return checkpoints[-1]
+
+
+def _save_checkpoint(model, trainable, optimizer, scheduler, config, step, output_dir, save_model) -> Path:
+    target = output_dir / f"checkpoint-{step}"
+    with atomic_directory(target) as staging:
+        save_model(model, staging)
+        save_file({name: p.detach().contiguous().clone() for name, p in trainable.items()},
+                  str(staging / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        torch.save({"cpu": torch.get_rng_state(), "cuda": cuda_rng}, staging / "rng.pt")
+        state = {"step": step, "config": asdict(config)}
+        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    for old in _checkpoints(output_dir)[:-CHECKPOINTS_KEPT]:
+        shutil.rmtree(old)
+    return target
+
+
+def _load_checkpoint(checkpoint: Path, trainable, optimizer, scheduler, config: TrainConfig) -> int:
+    """Restore weights, optimizer, schedule and RNG from ``checkpoint``; return its step."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    for name in TRAJECTORY_SETTINGS:
+        if state["config"].get(name) != getattr(config, name):
+            raise DeltatuneError(
+                f"{checkpoint} was trained with {name}={state['config'].get(name)!r} but this run has "
+                f"{getattr(config, name)!r}: resume with the same setting or start a new output folder"
+            )
+    weights = load_file(str(checkpoint / "trainable.safetensors"))
+    missing, extra = sorted(trainable.keys() - weights.keys()), sorted(weights.keys() - trainable.keys())
+    if missing:
+        raise DeltatuneError(f"{checkpoint} has no weights for trainable parameter {missing[0]}: resume with the same method settings")
+    if extra:
+        raise DeltatuneError(f"{checkpoint} holds {extra[0]}, which is not trainable in this model: resume with the same method settings")
+    with torch.no_grad():
+        for name, parameter in trainable.items():
+            if weights[name].shape != parameter.shape:
+                raise DeltatuneError(
+                    f"{checkpoint} holds {name} with shape {tuple(weights[name].shape)} but the model has "
+                    f"{tuple(parameter.shape)}: resume with the same method settings"
+                )
+            parameter.copy_(weights[name])
+    states = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    rng = torch.load(checkpoint / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"]
+
+
+def _keep_metrics_up_to(metrics_path: Path, step: int) -> None:
+    """Start metrics afresh, or on resume drop lines logged after the checkpoint's step."""
+    kept = []
+    if step and metrics_path.is_file():
+        lines = metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = [line + "\n" for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(metrics_path, "".join(kept))

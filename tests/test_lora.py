@@ -1,0 +1,250 @@
+"""LoRA's invariants in closed form, on tiny Llama, GPT-2 and BERT models with fixed seeds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import deltatune as dt
+from deltatune.methods.lora import LoRALayer, lora_scale, merged_weight, svd_init
+
+from conftest import TINY_MODELS, logits_of, tiny_llama
+
+ARCHS = sorted(TINY_MODELS)
+
+
+def randomize(model: dt.DeltaModel, name: str = "default", seed: int = 3) -> None:
+    """Give every adapter tensor a non-zero value, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.adapter_parameters(name).values():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+# --- merge is a pure function on tensors ---------------------------------------------------
+def test_merged_weight_on_hand_written_matrices():
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])  # out 3, in 2
+    lora_A = torch.tensor([[1.0, 2.0]])  # r 1, in 2
+    lora_B = torch.tensor([[1.0], [0.0], [-1.0]])  # out 3, r 1
+    expected = torch.tensor([[1.5, 1.0], [0.0, 1.0], [1.5, 1.0]])  # W + 0.5 · B A
+    assert torch.equal(merged_weight(weight, lora_A, lora_B, 0.5), expected)
+    assert torch.equal(merged_weight(weight.T, lora_A, lora_B, 0.5, transposed=True), expected.T)
+
+
+def test_merged_weight_sums_in_fp32_for_bf16():
+    weight = torch.full((4, 4), 256.0, dtype=torch.bfloat16)
+    lora_A, lora_B = torch.full((1, 4), 0.5), torch.full((4, 1), 0.5)
+    # 256 + 0.25·4 = 257 is not a bf16 value; fp32 sum then one rounding gives 256 (round to even)
+    # while adding four bf16 partial sums would also round; what matters: the result is one rounding.
+    merged = merged_weight(weight, lora_A, lora_B, 4.0)  # 256 + 4·0.25 = 257 → bf16 rounds to 256
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(merged, (weight.float() + 1.0).to(torch.bfloat16))
+
+
+def test_scaling_alpha_over_rank_and_rslora():
+    assert lora_scale(8, 16) == 2.0
+    assert lora_scale(16, 16, rslora=True) == 4.0
+    assert lora_scale(4, 8, rslora=True) == pytest.approx(8 / math.sqrt(4))
+
+
+def test_svd_init_keeps_the_weight_and_takes_the_top_singular_directions():
+    weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    lora_A, lora_B, residual = svd_init(weight, rank=2, scale=0.5)
+    assert torch.allclose(residual + 0.5 * lora_B @ lora_A, weight, atol=1e-5)
+    singular = torch.linalg.svdvals(weight)
+    assert torch.allclose(torch.linalg.svdvals(0.5 * lora_B @ lora_A)[:2], singular[:2], atol=1e-5)
+    assert torch.allclose(torch.linalg.svdvals(residual)[:3], singular[2:5], atol=1e-5)
+
+
+# --- the wrapped model ---------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_output_at_init_equals_base(arch, input_ids):
+    base = TINY_MODELS[arch]()
+    reference = logits_of(base, input_ids)
+    model = dt.wrap(base, dt.LoRA(rank=4, targets="all-linear"))
+    assert torch.equal(logits_of(model, input_ids), reference)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_disabled_equals_base_and_merged_equals_unmerged_equals_unloaded(arch, input_ids):
+    reference = logits_of(TINY_MODELS[arch](), input_ids)
+    model = dt.wrap(TINY_MODELS[arch](), dt.LoRA(rank=4, alpha=8, targets="all-linear"))
+    randomize(model)
+    adapted = logits_of(model, input_ids)
+    assert not torch.allclose(adapted, reference)
+    with dt.disabled(model):
+        assert torch.equal(logits_of(model, input_ids), reference)
+    model.merge_adapter()
+    # merged weights round once per matmul differently from the two-matmul bypass: fp32 noise only
+    assert torch.allclose(logits_of(model, input_ids), adapted, atol=1e-5)
+    with dt.disabled(model):
+        assert torch.allclose(logits_of(model, input_ids), reference, atol=1e-5)
+    model.unmerge_adapter()
+    assert torch.allclose(logits_of(model, input_ids), adapted, atol=1e-5)
+    plain = dt.merge(model)
+    assert not any(isinstance(m, dt.DeltaModule) for m in plain.modules())
+    assert type(plain) is type(TINY_MODELS[arch]())
+    assert set(plain.state_dict()) == set(TINY_MODELS[arch]().state_dict())
+    assert torch.allclose(logits_of(plain, input_ids), adapted, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_only_the_adapter_changes_after_an_optimizer_step(arch, input_ids):
+    model = dt.wrap(TINY_MODELS[arch](), dt.LoRA(rank=4, targets="all-linear"))
+    before = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    labels = input_ids if arch != "bert" else torch.tensor([0, 1, 2])
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    optimizer.step()
+    own = {id(p) for p in model.adapter_parameters("default").values()}
+    lora_B = [n for n, p in model.named_parameters() if id(p) in own and n.endswith("lora_B.default")]
+    assert lora_B and all(not torch.equal(model.get_parameter(n), before[n]) for n in lora_B)
+    for name, param in model.named_parameters():
+        if id(param) not in own:
+            assert torch.equal(param, before[name]), name
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+
+def test_trainable_parameter_count_in_closed_form():
+    base = tiny_llama()
+    total_before = sum(p.numel() for p in base.parameters())
+    model = dt.wrap(base, dt.LoRA(rank=4, targets=["q_proj", "v_proj"]))
+    # q: 32→32, v: 32→16 (2 kv heads × 8), two layers: r·(in+out) each
+    expected = 2 * (4 * (32 + 32) + 4 * (32 + 16))
+    assert dt.trainable_parameters(model) == (expected, total_before + expected)
+
+
+def test_gpt2_conv1d_is_wrapped_with_transposed_weights(input_ids):
+    model = dt.wrap(TINY_MODELS["gpt2"](), dt.LoRA(rank=2))  # default targets: c_attn
+    layer = model.base_model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, LoRALayer) and isinstance(layer.base_layer, Conv1D) and layer.transposed
+    assert layer.lora_A["default"].shape == (2, 32) and layer.lora_B["default"].shape == (96, 2)
+
+
+def test_embedding_lora_merges(input_ids):
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=4, targets=["embed_tokens"]))
+    randomize(model)
+    adapted = logits_of(model, input_ids)
+    plain = dt.merge(model)
+    assert torch.allclose(logits_of(plain, input_ids), adapted, atol=1e-5)
+
+
+def test_merge_into_tied_embeddings_unties_them(input_ids):
+    base = tiny_llama(tie_word_embeddings=True)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    model = dt.wrap(base, dt.LoRA(rank=4, targets=["embed_tokens"]))
+    randomize(model)
+    adapted = logits_of(model, input_ids)
+    plain = dt.merge(model)
+    assert plain.config.tie_word_embeddings is False
+    assert torch.allclose(logits_of(plain, input_ids), adapted, atol=1e-5)
+
+
+def test_rslora_scale_is_alpha_over_sqrt_rank():
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=16, alpha=8, rslora=True, targets=["q_proj"]))
+    assert model.base_model.model.layers[0].self_attn.q_proj.scaling["default"] == 2.0
+
+
+def test_rank_and_alpha_patterns_apply_per_layer():
+    method = dt.LoRA(rank=4, alpha=8, targets=["q_proj", "v_proj"], rank_pattern={"layers.1.self_attn.q_proj": 2},
+                     alpha_pattern={"v_proj": 1.0})
+    model = dt.wrap(tiny_llama(), method)
+    layers = model.base_model.model.layers
+    assert layers[0].self_attn.q_proj.lora_A["default"].shape[0] == 4
+    assert layers[1].self_attn.q_proj.lora_A["default"].shape[0] == 2
+    assert layers[1].self_attn.q_proj.scaling["default"] == 8 / 2
+    assert layers[0].self_attn.v_proj.scaling["default"] == 1.0 / 4
+
+
+def test_dropout_is_active_only_in_training(input_ids):
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=4, dropout=0.5, targets="all-linear"))
+    randomize(model)
+    model.eval()
+    assert torch.equal(logits_of(model, input_ids), logits_of(model, input_ids))
+    model.train()
+    torch.manual_seed(0)
+    first = logits_of(model, input_ids)
+    assert not torch.equal(first, logits_of(model, input_ids))
+
+
+def test_bias_lora_only_trains_the_wrapped_biases():
+    model = dt.wrap(TINY_MODELS["gpt2"](), dt.LoRA(rank=2, bias="lora_only"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.transformer.h.0.attn.c_attn.base_layer.bias" in trainable
+    assert "base_model.transformer.h.0.attn.c_proj.bias" not in trainable
+
+
+def test_bias_all_trains_every_bias():
+    model = dt.wrap(TINY_MODELS["gpt2"](), dt.LoRA(rank=2, bias="all"))
+    biases = {n for n, p in model.named_parameters() if n.endswith("bias")}
+    assert biases and all(p.requires_grad for n, p in model.named_parameters() if n in biases)
+
+
+# --- PiSSA ---------------------------------------------------------------------------------
+def test_pissa_init_equals_base_and_saves_as_plain_lora(tmp_path, input_ids):
+    reference = logits_of(tiny_llama(), input_ids)
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=4, alpha=4, init="pissa", targets="all-linear"))
+    # W_res + s·B A recomposes W up to the SVD's fp32 rounding
+    assert torch.allclose(logits_of(model, input_ids), reference, atol=1e-4)
+    randomize(model, seed=5)
+    adapted = logits_of(model, input_ids)
+    dt.save_adapter(model, tmp_path)
+    loaded = dt.load_adapter(tiny_llama(), tmp_path)  # a plain rank-8 LoRA on the original weights
+    assert loaded.base_model.model.layers[0].self_attn.q_proj.lora_A["default"].shape[0] == 8
+    assert torch.allclose(logits_of(loaded, input_ids), adapted, atol=1e-4)
+
+
+# --- several adapters ----------------------------------------------------------------------
+def test_add_switch_delete_and_per_example_adapters(input_ids):
+    reference = logits_of(tiny_llama(), input_ids)
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=4, targets="all-linear"))
+    randomize(model, "default", seed=1)
+    model.add_adapter("other", dt.LoRA(rank=2, targets=["q_proj"]))
+    randomize(model, "other", seed=2)
+    other = logits_of(model, input_ids)
+    model.set_adapter("default")
+    default = logits_of(model, input_ids)
+    assert not torch.allclose(other, default)
+    assert all(p.requires_grad for p in model.adapter_parameters("default").values())
+    assert not any(p.requires_grad for p in model.adapter_parameters("other").values())
+    mixed = model(input_ids=input_ids, adapter_names=["other", "__base__", "default"]).logits.detach()
+    assert torch.allclose(mixed[0], other[0], atol=1e-6)
+    assert torch.allclose(mixed[1], reference[1], atol=1e-6)
+    assert torch.allclose(mixed[2], default[2], atol=1e-6)
+    model.delete_adapter("default")
+    assert list(model.methods) == ["other"]
+    assert torch.allclose(logits_of(model, input_ids), other, atol=1e-6)
+    model.delete_adapter("other")
+    assert not any(isinstance(m, dt.DeltaModule) for m in model.base_model.modules())
+    assert torch.equal(logits_of(model, input_ids), reference)
+
+
+# --- errors --------------------------------------------------------------------------------
+def test_target_that_matches_nothing_lists_the_real_names():
+    with pytest.raises(dt.DeltatuneError, match=r"match no module.*q_proj"):
+        dt.wrap(tiny_llama(), dt.LoRA(targets=["query"]))
+
+
+def test_unsupported_target_type_is_named():
+    with pytest.raises(dt.DeltatuneError, match="LlamaRMSNorm"):
+        dt.wrap(tiny_llama(), dt.LoRA(targets=["input_layernorm"]))
+
+
+@pytest.mark.parametrize("bad", [dict(rank=0), dict(dropout=1.0), dict(init="zeros"), dict(bias="some")])
+def test_bad_config_is_refused_on_construction(bad):
+    with pytest.raises(dt.DeltatuneError):
+        dt.LoRA(**bad)
+
+
+def test_unknown_model_type_needs_explicit_targets():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(dt.DeltatuneError, match="all-linear"):
+        dt.wrap(model, dt.LoRA())
+    wrapped = dt.wrap(nn.Sequential(nn.Linear(4, 4)), dt.LoRA(targets="all-linear"))
+    assert isinstance(wrapped.base_model[0], LoRALayer)
