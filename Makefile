@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/deltatune demo
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/lora_vs_peft.py

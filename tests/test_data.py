@@ -42,7 +42,8 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_jsonl_prompt_completion_and_text_records_skip_blank_lines(tmp_path):
-    path = write(tmp_path, "data.jsonl", '{"prompt": "Q: 1+1?", "completion": " 2"}\n\n  \n{"text": "Once upon a time"}\n')
+    text = '{"prompt": "Q: 1+1?", "completion": " 2"}\n\n  \n{"text": "Once upon a time"}\n'
+    path = write(tmp_path, "data.jsonl", text)
     assert load_examples(path) == [Example("Q: 1+1?", " 2"), Example("", "Once upon a time")]
 
 

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.methods.lora import LoRALayer, lora_scale, merged_weight, svd_init
+from deltatune.methods.lora_combine import add_weighted_adapter
 
 from conftest import TINY_MODELS, logits_of, tiny_llama
 
@@ -248,3 +249,38 @@ def test_unknown_model_type_needs_explicit_targets():
         dt.wrap(model, dt.LoRA())
     wrapped = dt.wrap(nn.Sequential(nn.Linear(4, 4)), dt.LoRA(targets="all-linear"))
     assert isinstance(wrapped.base_model[0], LoRALayer)
+
+
+# --- weighted combinations -----------------------------------------------------------------
+def two_adapter_model():
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=4, alpha=8, targets=["q_proj", "v_proj"]), "first")
+    model.add_adapter("second", dt.LoRA(rank=2, alpha=2, targets=["q_proj"]))
+    randomize(model, "first", seed=1)
+    randomize(model, "second", seed=2)
+    return model
+
+
+def delta_of(model, name, path="model.layers.0.self_attn.q_proj"):
+    return model.base_model.get_submodule(path).delta(name)
+
+
+def test_linear_combination_is_exact():
+    model = two_adapter_model()
+    add_weighted_adapter(model, ["first", "second"], [0.7, -0.3], "mix", combination="linear")
+    expected = 0.7 * delta_of(model, "first") - 0.3 * delta_of(model, "second")
+    assert torch.allclose(delta_of(model, "mix"), expected, atol=1e-6)
+    v_proj = "model.layers.1.self_attn.v_proj"  # only the first adapter has it
+    assert torch.allclose(delta_of(model, "mix", v_proj), 0.7 * delta_of(model, "first", v_proj), atol=1e-6)
+    assert model.active_adapter == "mix"
+
+
+def test_svd_combination_is_the_best_rank_r_approximation(tmp_path, input_ids):
+    model = two_adapter_model()
+    add_weighted_adapter(model, ["first", "second"], [1.0, 1.0], "mix", combination="svd", rank=3)
+    target = delta_of(model, "first") + delta_of(model, "second")
+    singular = torch.linalg.svdvals(target)
+    error = torch.linalg.matrix_norm(delta_of(model, "mix") - target)
+    assert torch.allclose(error, singular[3:].norm(), atol=1e-5)  # Eckart–Young
+    adapted = logits_of(model, input_ids)
+    dt.save_adapter(model, tmp_path, "mix")
+    assert torch.allclose(logits_of(dt.load_adapter(tiny_llama(), tmp_path), input_ids), adapted, atol=1e-6)

@@ -117,7 +117,7 @@ def test_only_trainable_parameters_change(tmp_path):
 
 def test_loss_goes_down_on_a_memorisation_task(tmp_path):
     examples = tiny_examples(4)
-    result = train(tiny_model(), examples, examples, config(max_steps=40, eval_every=40, learning_rate=3e-2),
+    result = train(tiny_model(), examples, examples, config(max_steps=15, eval_every=15, learning_rate=3e-2),
                    tmp_path, pad_token_id=0, save_model=save_trainable, progress=False)
     losses = [line["loss"] for line in read_metrics(tmp_path)]
     assert losses[-1] < 0.5 * losses[0]
@@ -168,7 +168,8 @@ def test_bf16_autocast_trains(tmp_path):
 def test_no_trainable_parameters_or_no_examples_are_errors(tmp_path):
     frozen = tiny_model().requires_grad_(False)
     with pytest.raises(DeltatuneError, match="no trainable parameters"):
-        train(frozen, tiny_examples(4), [], config(), tmp_path, pad_token_id=0, save_model=save_trainable, progress=False)
+        train(frozen, tiny_examples(4), [], config(), tmp_path,
+              pad_token_id=0, save_model=save_trainable, progress=False)
     with pytest.raises(DeltatuneError, match="no training examples"):
         train(tiny_model(), [], [], config(), tmp_path, pad_token_id=0, save_model=save_trainable, progress=False)
 
@@ -233,7 +234,10 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run_bit_exactly(tmp_path)
         assert torch.equal(parameter, dict(resumed.named_parameters())[name]), name
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
     assert [line["step"] for line in split] == list(range(1, 8))
-    assert [(line["loss"], line.get("eval_loss")) for line in split] == [(line["loss"], line.get("eval_loss")) for line in whole]
+    def losses(metrics):
+        return [(line["loss"], line.get("eval_loss")) for line in metrics]
+
+    assert losses(split) == losses(whole)
 
 
 def test_resume_without_checkpoint_and_fresh_run_over_checkpoints_are_errors(tmp_path):
@@ -263,3 +267,27 @@ def test_resume_checks_parameter_names_and_settings(tmp_path):
     with pytest.raises(DeltatuneError, match="batch_size=4 but this run has 2"):
         train(tiny_model(), tiny_examples(4), [], config(max_steps=2, batch_size=2), tmp_path, pad_token_id=0,
               save_model=save_trainable, resume=True, progress=False)
+
+
+def test_stories260k_learns_a_file_of_examples_end_to_end(tmp_path):
+    if not STORIES.is_dir():
+        pytest.skip(f"../shared/models/stories260K not present: {STORIES} is needed for this test")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltatune.data import load_examples, tokenize_examples
+    from deltatune.train import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    model = AutoModelForCausalLM.from_pretrained(STORIES)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("model.layers.4."))
+    records = [{"prompt": f"Tom had {n} red balls.", "completion": f" Tom gave {n} balls to Sue."}
+               for n in ("two", "three", "four", "five")]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    examples = tokenize_examples(load_examples(data), tokenizer, max_length=64)
+    settings = TrainConfig(max_steps=20, batch_size=4, learning_rate=1e-2, eval_every=20, seed=0)
+    before = evaluate(model, examples, settings, pad_token_id=tokenizer.eos_token_id)
+    result = train(model, examples, examples, settings, tmp_path / "run", pad_token_id=tokenizer.eos_token_id,
+                   save_model=save_trainable, progress=False)
+    assert result.eval_losses[-1][1] < 0.5 * before

@@ -90,7 +90,8 @@ def _parse_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 
 def _example_from_record(where: str, record: Any) -> Example:
     if not isinstance(record, dict):
-        raise DeltatuneError(f"{where} is a {type(record).__name__}, not an object: make it an object with {EXPECTED_KEYS}")
+        kind = type(record).__name__
+        raise DeltatuneError(f"{where} is a {kind}, not an object: make it an object with {EXPECTED_KEYS}")
     if "prompt" in record and "completion" in record:
         fields = {"prompt": record["prompt"], "completion": record["completion"]}
     elif "text" in record:
@@ -109,7 +110,8 @@ def _example_from_record(where: str, record: Any) -> Example:
 def _require_strings(where: str, fields: dict[str, Any]) -> None:
     for key, value in fields.items():
         if not isinstance(value, str):
-            raise DeltatuneError(f"{where} has a {type(value).__name__} where text is expected ({key!r}): make it a string")
+            kind = type(value).__name__
+            raise DeltatuneError(f"{where} has a {kind} where text is expected ({key!r}): make it a string")
 
 
 def tokenize_example(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[int]] | None:

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.atomic import atomic_directory
+from deltatune.atomic import atomic_file, atomic_write_text
 from deltatune.errors import DeltatuneError
 from deltatune.methods import method_from_peft_config
 from deltatune.model import DeltaModel, wrap
@@ -56,16 +56,20 @@ def adapter_config(model: DeltaModel, adapter_name: str) -> dict[str, Any]:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
-    """Write one adapter (default: the active one) as a peft folder, atomically."""
+    """Write one adapter (default: the active one) into a peft folder, each file atomically."""
     if not isinstance(model, DeltaModel):
         raise DeltatuneError("save_adapter needs a model wrapped by deltatune.wrap(...) or deltatune.load_adapter(...).")
     name = adapter_name or model.active_adapter
     model._require(name)
     state = adapter_state_dict(model, name)
     config = adapter_config(model, name)
-    with atomic_directory(directory) as staging:
-        save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Weights first, config last, each through a temporary name: a folder whose config is
+    # present holds a complete adapter, and other files in it (a run's log) are left alone.
+    with atomic_file(directory / WEIGHTS_NAME) as staging:
+        save_file(state, str(staging), metadata={"format": "pt"})
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(directory)
 
 

@@ -68,7 +68,7 @@ class TrainConfig:
         for name in ("learning_rate", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise DeltatuneError(f"{name} must be a number of at least 0, got {value!r}: fix it in the config")
+                raise DeltatuneError(f"{name} must be a number of at least 0, got {value!r}: fix the config")
         if self.learning_rate == 0:
             raise DeltatuneError("learning_rate is 0, so nothing would be learned: set it above 0, e.g. 2e-4")
         if self.warmup_steps > self.max_steps:
@@ -79,12 +79,12 @@ class TrainConfig:
             raise DeltatuneError(f"lr_schedule {self.lr_schedule!r} is unknown: use one of {', '.join(LR_SCHEDULES)}")
         for name in ("bf16", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
-                raise DeltatuneError(f"{name} must be true or false, got {getattr(self, name)!r}: fix it in the config")
+                raise DeltatuneError(f"{name} must be true or false, got {getattr(self, name)!r}: fix the config")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DeltatuneError(f"{name} must be a whole number of at least {minimum}, got {value!r}: fix it in the config")
+        raise DeltatuneError(f"{name} must be a whole number of at least {minimum}, got {value!r}: fix the config")
 
 
 @dataclass
@@ -135,9 +135,7 @@ def train(
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
     if config.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise DeltatuneError(f"{type(model).__name__} cannot checkpoint gradients: turn gradient_checkpointing off")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_gradient_checkpointing(model)
 
     decay = [p for p in trainable.values() if p.ndim >= 2]  # no weight decay on biases and norms
     no_decay = [p for p in trainable.values() if p.ndim < 2]
@@ -152,7 +150,7 @@ def train(
     if resume:
         start_step = _load_checkpoint(_latest_checkpoint(output_dir), trainable, optimizer, scheduler, config)
     elif _checkpoints(output_dir):
-        raise DeltatuneError(f"{output_dir} already holds checkpoints: pass --resume to continue or pick a new output folder")
+        raise DeltatuneError(f"{output_dir} already holds checkpoints: pass --resume or pick a new output folder")
     metrics_path = output_dir / "metrics.jsonl"
     _keep_metrics_up_to(metrics_path, start_step)
 
@@ -184,7 +182,8 @@ def train(
             with metrics_path.open("a", encoding="utf-8") as metrics:
                 metrics.write(json.dumps(record) + "\n")
         if final or (config.save_every and step % config.save_every == 0):
-            result.checkpoint = _save_checkpoint(model, trainable, optimizer, scheduler, config, step, output_dir, save_model)
+            result.checkpoint = _save_checkpoint(
+                model, trainable, optimizer, scheduler, config, step, output_dir, save_model)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens_per_s:.0f}")
     bar.close()
@@ -193,12 +192,25 @@ def train(
     return result
 
 
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    # transformers 5 renamed the switch to activation_checkpointing_enable; older models and
+    # wrappers only have gradient_checkpointing_enable.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise DeltatuneError(f"{type(model).__name__} cannot checkpoint gradients: turn gradient_checkpointing off")
+
+
 def _predicted_tokens(labels: torch.Tensor) -> int:
     """Tokens the causal loss scores: labels shift left by one, so position 0 never counts."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], device: torch.device, bf16: bool) -> float:
+def _accumulate_gradients(
+    model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], device: torch.device, bf16: bool
+) -> float:
     """Backpropagate the step's token-mean loss through its micro-batches; return that loss."""
     counts = [_predicted_tokens(batch["labels"]) for batch in micro_batches]
     total = sum(counts)
@@ -212,7 +224,9 @@ def _accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, eval_examples: Sequence[dict[str, list[int]]], config: TrainConfig, pad_token_id: int) -> float:
+def evaluate(
+    model: nn.Module, eval_examples: Sequence[dict[str, list[int]]], config: TrainConfig, pad_token_id: int
+) -> float:
     """Mean loss per predicted token over the first ``eval_batches`` batches (all when 0)."""
     device = next(model.parameters()).device
     starts = range(0, len(eval_examples), config.batch_size)
@@ -270,17 +284,18 @@ def _load_checkpoint(checkpoint: Path, trainable, optimizer, scheduler, config: 
                 f"{getattr(config, name)!r}: resume with the same setting or start a new output folder"
             )
     weights = load_file(str(checkpoint / "trainable.safetensors"))
+    fix = "resume with the same method settings"
     missing, extra = sorted(trainable.keys() - weights.keys()), sorted(weights.keys() - trainable.keys())
     if missing:
-        raise DeltatuneError(f"{checkpoint} has no weights for trainable parameter {missing[0]}: resume with the same method settings")
+        raise DeltatuneError(f"{checkpoint} has no weights for trainable parameter {missing[0]}: {fix}")
     if extra:
-        raise DeltatuneError(f"{checkpoint} holds {extra[0]}, which is not trainable in this model: resume with the same method settings")
+        raise DeltatuneError(f"{checkpoint} holds {extra[0]}, which is not trainable in this model: {fix}")
     with torch.no_grad():
         for name, parameter in trainable.items():
             if weights[name].shape != parameter.shape:
                 raise DeltatuneError(
                     f"{checkpoint} holds {name} with shape {tuple(weights[name].shape)} but the model has "
-                    f"{tuple(parameter.shape)}: resume with the same method settings"
+                    f"{tuple(parameter.shape)}: {fix}"
                 )
             parameter.copy_(weights[name])
     states = torch.load(checkpoint / "optimizer.pt", weights_only=True)

@@ -32,6 +32,15 @@ from deltatune.methods.protocol import DeltaModule, check_shapes
 from deltatune.targets import ALL_LINEAR, Targets, find_targets, pattern_value, resolve_targets, target_names_for_config
 
 INITS = ("kaiming", "gaussian", "pissa")
+# peft LoraConfig keys that would change what a loaded adapter computes: refused unless off.
+CHANGES_THE_MATH = ("use_dora", "layers_to_transform", "layers_pattern", "layer_replication", "exclude_modules",
+                    "trainable_token_indices", "target_parameters", "lora_bias", "use_qalora",
+                    "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config", "velora_config")
+# peft keys that only matter when creating or training an adapter, not when loading one.
+NO_EFFECT_ON_LOADING = ("peft_type", "task_type", "base_model_name_or_path", "fan_in_fan_out", "init_lora_weights",
+                        "inference_mode", "revision", "auto_mapping", "peft_version", "megatron_config",
+                        "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+                        "qalora_group_size", "monteclora_config", "ensure_weight_tying")
 BIASES = ("none", "all", "lora_only")
 
 
@@ -159,17 +168,15 @@ class LoRA:
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> "LoRA":
-        unsupported = {"use_dora": False, "layers_to_transform": None, "layer_replication": None}
-        for key, default in unsupported.items():
-            if config.get(key, default) not in (default, [], {}):
-                raise DeltatuneError(f"This adapter sets {key}={config[key]!r}, which deltatune does not support yet; "
+        for key, value in config.items():
+            if key in CHANGES_THE_MATH and value not in (None, False, [], {}):
+                raise DeltatuneError(f"This adapter sets {key}={value!r}, which deltatune does not support yet; "
                                      "retrain it without that option.")
         known = {"r": "rank", "lora_alpha": "alpha", "target_modules": "targets", "lora_dropout": "dropout",
                  "use_rslora": "rslora", "bias": "bias", "rank_pattern": "rank_pattern",
                  "alpha_pattern": "alpha_pattern", "modules_to_save": "modules_to_save"}
-        quiet = {"peft_type", "task_type", "base_model_name_or_path", "fan_in_fan_out", "init_lora_weights",
-                 "inference_mode", "revision", "auto_mapping", "peft_version", *unsupported}
-        ignored = sorted(k for k in config if k not in known and k not in quiet and config[k] not in (None, False, [], {}))
+        ignored = sorted(k for k, v in config.items()
+                         if k not in known and k not in NO_EFFECT_ON_LOADING and v not in (None, False, [], {}))
         if ignored:
             warnings.warn(f"adapter_config.json keys not used by deltatune were ignored: {', '.join(ignored)}", stacklevel=2)
         kwargs = {ours: config[theirs] for theirs, ours in known.items() if config.get(theirs) is not None}
