@@ -25,6 +25,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -36,6 +37,7 @@ from typing import Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 import deltatune as dt
 
@@ -344,6 +346,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--models", default="stories260K,llama27M", help="comma-separated: stories260K, llama27M")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 1 warm-up, batch 2 x 32")
     parser.add_argument("--json", type=Path, help="write every figure (and raw per-round times) here")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -354,6 +357,9 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but torch sees no CUDA device.")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    hf_logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     specs = {"stories260K": ModelSpec("stories260K", stories_260k, 512), "llama27M": ModelSpec("llama27M", llama_27m, 8000)}
     chosen = []
@@ -371,6 +377,12 @@ def main() -> None:
           f"after {args.warmup} warm-up steps; figures are medians of per-round ratios.")
     if args.quick:
         print("--quick: a smoke run; the numbers are not meaningful.")
+    load = os.getloadavg()[0]
+    print(f"load average at start: {load:.2f} on {os.cpu_count()} CPUs")
+    if load > (os.cpu_count() or 1) - 0.5:
+        print("WARNING: the machine is busy. With as many torch threads as cores, other processes make every\n"
+              "parallel op wait for a descheduled thread (tiny models slow down up to 100x); rerun when idle\n"
+              "or pass --threads 1.")
 
     start = time.perf_counter()
     rows = []
@@ -387,13 +399,14 @@ def main() -> None:
     if args.device == "cpu":
         print("\nMemory breakdown (MiB):\n")
         print(memory_breakdown(rows))
-    print(f"\nwall time {time.perf_counter() - start:.0f} s")
+    print(f"\nwall time {time.perf_counter() - start:.0f} s; load average at end: {os.getloadavg()[0]:.2f}")
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "versions": {"deltatune": dt.__version__, "peft": peft.__version__, "torch": torch.__version__},
-            "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()},
+            "threads": torch.get_num_threads(), "load_average_end": os.getloadavg()[0],
+            "args": {k: str(v) for k, v in vars(args).items()},
             "memory_measured": memory_what, "rows": rows,
         }, indent=2))
         print(f"wrote {args.json}")

@@ -157,6 +157,10 @@ def train(
     accumulation = config.gradient_accumulation_steps
     batches = batch_indices(len(train_examples), config.batch_size, config.seed, start_batch=start_step * accumulation)
     result = TrainResult(step=start_step, train_loss=math.nan)
+    if start_step == 0 and eval_examples:  # the starting point, so every run's log shows its gain
+        result.eval_losses.append((0, evaluate(model, eval_examples, config, pad_token_id)))
+        with metrics_path.open("a", encoding="utf-8") as metrics:
+            metrics.write(json.dumps({"step": 0, "eval_loss": result.eval_losses[0][1]}) + "\n")
     tokens_seen, started = 0, time.perf_counter()
     bar = tqdm(total=config.max_steps, initial=start_step, disable=not progress, desc="training")
     model.train()

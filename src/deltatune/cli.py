@@ -1,0 +1,160 @@
+"""The ``deltatune`` command: train, merge, generate, info, demo.
+
+Every error a person can fix is one line on stderr and exit status 1 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from deltatune.errors import DeltatuneError
+
+RUN_RECORD = "deltatune_run.yaml"
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from deltatune.config import build_run, parse_overrides, read_yaml
+    from deltatune.runner import run_training
+
+    settings = read_yaml(args.config) if args.config else {}
+    flags = {"model": args.model, "data": args.data, "eval_data": args.eval_data, "method": args.method,
+             "output": args.output, "max_steps": args.max_steps}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    settings.update(parse_overrides(args.overrides))
+    run = build_run(settings)
+    result = run_training(run, resume=args.resume, progress=not args.quiet)
+    summary = {"output": run.output, "steps": result.step, "train_loss": round(result.train_loss, 4),
+               "eval_loss": round(result.eval_losses[-1][1], 4) if result.eval_losses else None,
+               "tokens_per_s": round(result.tokens_per_s)}
+    print(json.dumps(summary))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    import deltatune as dt
+    from deltatune.atomic import atomic_directory
+    from deltatune.pretrained import load_causal_lm, load_tokenizer
+
+    model = dt.load_adapter(load_causal_lm(args.model, args.dtype, args.trust_remote_code), args.adapter)
+    merged = dt.merge(model)
+    with atomic_directory(args.output) as staging:
+        merged.save_pretrained(staging)
+        load_tokenizer(args.model, args.trust_remote_code).save_pretrained(staging)
+    print(f"merged model written to {args.output}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import deltatune as dt
+    from deltatune.generation import generate_text
+    from deltatune.pretrained import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(args.model, args.dtype, args.trust_remote_code)
+    if args.adapter:
+        model = dt.load_adapter(model, args.adapter)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    prompt = args.prompt.encode("utf-8").decode("unicode_escape") if args.escapes else args.prompt
+    [text] = generate_text(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens,
+                           do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
+    print(prompt + text)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from deltatune.peft_format import read_adapter_folder
+
+    config, tensors = read_adapter_folder(args.adapter)
+    rows = {
+        "method": config.get("peft_type"),
+        "rank": config.get("r"),
+        "alpha": config.get("lora_alpha"),
+        "targets": config.get("target_modules"),
+        "parameters": f"{sum(t.numel() for t in tensors.values()):,}",
+        "tensors": len(tensors),
+        "base model": config.get("base_model_name_or_path"),
+        "task": config.get("task_type"),
+    }
+    record = Path(args.adapter) / RUN_RECORD
+    if record.is_file():
+        rows["trained with"] = str(record)
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        if value is not None:
+            print(f"{key:<{width}}  {value}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from deltatune.demo import run_demo
+
+    run_demo(output=args.output, max_steps=args.max_steps, progress=not args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltatune", description="Adapt a pretrained transformer by learning a small delta.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train an adapter; the output folder is a peft adapter",
+                                description="Settings: --config YAML, then flags, then key=value overrides "
+                                            "(e.g. rank=16 learning_rate=1e-3 targets=[q_proj,v_proj]).")
+    train.add_argument("--model", help="local Hugging Face model folder")
+    train.add_argument("--data", help="JSONL (prompt/completion or text) or an Alpaca JSON array")
+    train.add_argument("--eval-data", dest="eval_data", help="held-out data (default: a seeded split of --data)")
+    train.add_argument("--method", help="tuning method (default: lora)")
+    train.add_argument("--output", help="output folder: adapter, run config, metrics, checkpoints")
+    train.add_argument("--max-steps", dest="max_steps", type=int)
+    train.add_argument("--config", help="YAML file of settings")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.set_defaults(func=cmd_train)
+
+    merge = commands.add_parser("merge", help="fold an adapter into the base weights; writes a plain model folder")
+    merge.add_argument("--model", required=True)
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--output", required=True)
+    merge.set_defaults(func=cmd_merge)
+
+    generate = commands.add_parser("generate", help="generate text, greedy by default")
+    generate.add_argument("--model", required=True)
+    generate.add_argument("--adapter")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    generate.add_argument("--escapes", action="store_true", help="read \\n and \\t in --prompt as escapes")
+    generate.set_defaults(func=cmd_generate)
+
+    for sub in (merge, generate):
+        sub.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+        sub.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
+                         help="run the model folder's own Python code (only for folders you trust)")
+
+    info = commands.add_parser("info", help="method, rank, targets, size and base model of an adapter")
+    info.add_argument("adapter")
+    info.set_defaults(func=cmd_info)
+
+    demo = commands.add_parser("demo", help="the main job on bundled defaults: LoRA on E2E with stories260K")
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--max-steps", dest="max_steps", type=int, default=300)
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notices are not the user's concern
+    try:
+        args.func(args)
+    except DeltatuneError as error:
+        print(f"deltatune: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("deltatune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""One training run from a RunConfig: load, wrap, tokenize, train, save — for any method."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import deltatune as dt
+from deltatune.atomic import atomic_write_text
+from deltatune.config import RunConfig
+from deltatune.data import load_examples, split_examples, tokenize_examples
+from deltatune.pretrained import load_causal_lm, load_tokenizer, pad_token_id
+from deltatune.train import TrainResult, train
+
+RUN_RECORD = "deltatune_run.yaml"
+
+
+def run_training(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    tokenizer = load_tokenizer(run.model, run.trust_remote_code)
+    examples = load_examples(run.data)
+    if run.eval_data:
+        train_examples, eval_examples = examples, load_examples(run.eval_data)
+    else:
+        train_examples, eval_examples = split_examples(examples, run.eval_fraction, run.train.seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_tokens = tokenize_examples(train_examples, tokenizer, run.train.max_length)
+        eval_tokens = tokenize_examples(eval_examples, tokenizer, run.train.max_length)
+    for warning in caught:
+        print(f"deltatune: warning: {warning.message}")
+    model = dt.wrap(load_causal_lm(run.model, run.dtype, run.trust_remote_code), run.method)
+    output = Path(run.output)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / RUN_RECORD, run.to_yaml())
+    result = train(model, train_tokens, eval_tokens, run.train, output, pad_token_id=pad_token_id(tokenizer),
+                   save_model=dt.save_adapter, resume=resume, progress=progress)
+    dt.save_adapter(model, output)
+    return result

@@ -1,0 +1,145 @@
+"""The CLI end to end on the bundled stories260K: train → merge → generate, info, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.cli import main
+from deltatune.generation import encode_prompt
+from deltatune.pretrained import bundled, load_causal_lm, load_tokenizer
+
+from conftest import tiny_llama
+
+MODEL = str(bundled("stories260K"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A LoRA adapter trained for a few steps by the CLI on 40 bundled E2E examples."""
+    folder = tmp_path_factory.mktemp("cli")
+    rows = [json.loads(line) for line in bundled("e2e/train.jsonl").read_text().splitlines()[:40]]
+    data = write_jsonl(folder / "data.jsonl", rows)
+    output = folder / "adapter"
+    code = main(["train", "--model", MODEL, "--data", str(data), "--output", str(output), "--max-steps", "4",
+                 "--quiet", "rank=4", "targets=[q_proj,v_proj,down_proj]", "learning_rate=1e-2", "batch_size=4"])
+    assert code == 0
+    return output
+
+
+def test_train_writes_a_peft_folder_with_run_record_and_metrics(trained):
+    assert {"adapter_config.json", "adapter_model.safetensors", "deltatune_run.yaml", "metrics.jsonl"} <= {
+        p.name for p in trained.iterdir()}
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    steps = [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 0 and steps[-1] == 4
+
+
+def test_merge_then_generate_round_trip(trained, tmp_path, capsys):
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--model", MODEL, "--adapter", str(trained), "--output", str(merged_dir)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    adapted = dt.load_adapter(load_causal_lm(MODEL), trained)
+    ids = torch.tensor([encode_prompt(load_tokenizer(MODEL), "name : The Eagle | food : French\n")])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(input_ids=ids).logits, atol=1e-4)
+    capsys.readouterr()
+    prompt = "name : The Eagle"
+    assert main(["generate", "--model", str(merged_dir), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    from_merged = capsys.readouterr().out
+    assert main(["generate", "--model", MODEL, "--adapter", str(trained), "--prompt", prompt,
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == from_merged and from_merged.startswith(prompt)
+
+
+def test_trained_folder_loads_in_peft_with_the_merged_logits(trained, tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is a test extra")
+    theirs = peft.PeftModel.from_pretrained(load_causal_lm(MODEL), str(trained)).eval()
+    merged = dt.merge(dt.load_adapter(load_causal_lm(MODEL), trained))
+    ids = torch.tensor([encode_prompt(load_tokenizer(MODEL), "name : Alimentum | area : city centre\n")])
+    with torch.no_grad():
+        # merged weights round differently from the bypass: fp32 noise only
+        assert torch.allclose(theirs(input_ids=ids).logits, merged(ids).logits, atol=1e-4)
+
+
+def test_info_describes_the_adapter(trained, capsys):
+    assert main(["info", str(trained)]) == 0
+    out = capsys.readouterr().out
+    assert "LORA" in out and "rank" in out and "q_proj" in out and "stories260K" in out
+
+
+def test_yaml_config_and_overrides(tmp_path, capsys):
+    rows = [{"text": "Once upon a time there was a cat."}] * 8
+    data = write_jsonl(tmp_path / "text.jsonl", rows)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {MODEL}\ndata: {data}\nrank: 2\nmax_steps: 2\nbatch_size: 2\n")
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "out"), "--quiet", "rank=3"]) == 0
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 3
+
+
+# --- errors: one line, exit 1, no traceback ------------------------------------------------
+def run_error(argv: list[str], capsys) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("deltatune: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    err = run_error(["train", "--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--output", str(tmp_path)], capsys)
+    assert "does not exist" in err
+
+
+def test_missing_data_file(tmp_path, capsys):
+    err = run_error(["train", "--model", MODEL, "--data", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o")],
+                    capsys)
+    assert "none.jsonl" in err
+
+
+def test_malformed_jsonl_line_names_the_line(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "broken\n')
+    err = run_error(["train", "--model", MODEL, "--data", str(data), "--output", str(tmp_path / "o")], capsys)
+    assert "line 2" in err
+
+
+def test_target_that_matches_nothing(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a b c d"}] * 4)
+    err = run_error(["train", "--model", MODEL, "--data", str(data), "--output", str(tmp_path / "o"),
+                     "targets=[query]"], capsys)
+    assert "match no module" in err and "q_proj" in err
+
+
+def test_unknown_setting_lists_valid_keys(tmp_path, capsys):
+    err = run_error(["train", "--model", MODEL, "--data", "d", "--output", str(tmp_path), "rnak=4"], capsys)
+    assert "rnak" in err and "rank" in err
+
+
+def test_adapter_for_another_model(tmp_path, capsys):
+    other = dt.wrap(tiny_llama(), dt.LoRA(rank=2, targets=["q_proj"]))
+    dt.save_adapter(other, tmp_path / "other")
+    err = run_error(["generate", "--model", MODEL, "--adapter", str(tmp_path / "other"), "--prompt", "hi"], capsys)
+    assert "shape" in err and "(2, 32)" in err and "(2, 64)" in err
+
+
+def test_console_script_exits_nonzero_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "deltatune.cli", "info", str(tmp_path / "missing")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.startswith("deltatune: error:") and "Traceback" not in result.stderr
