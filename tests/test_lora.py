@@ -284,3 +284,21 @@ def test_svd_combination_is_the_best_rank_r_approximation(tmp_path, input_ids):
     adapted = logits_of(model, input_ids)
     dt.save_adapter(model, tmp_path, "mix")
     assert torch.allclose(logits_of(dt.load_adapter(tiny_llama(), tmp_path), input_ids), adapted, atol=1e-6)
+
+
+def test_save_pretrained_writes_the_adapter_like_peft(tmp_path, input_ids):
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=4, targets=["q_proj"]))
+    randomize(model)
+    model.save_pretrained(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert torch.equal(logits_of(dt.load_adapter(tiny_llama(), tmp_path), input_ids), logits_of(model, input_ids))
+
+
+def test_save_and_load_round_trip_bit_exactly(tmp_path):
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=4, targets="all-linear", modules_to_save=("lm_head",)))
+    randomize(model)
+    dt.save_adapter(model, tmp_path)
+    loaded = dt.load_adapter(tiny_llama(), tmp_path)
+    ours, theirs = model.adapter_parameters("default"), loaded.adapter_parameters("default")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -128,6 +128,12 @@ class DeltaModel(nn.Module):
         with self._per_example(adapter_names):
             return self.base_model.generate(*args, **kwargs)
 
+    def save_pretrained(self, directory: str, adapter_name: str | None = None) -> None:
+        """peft's spelling of :func:`deltatune.save_adapter`: writes the adapter, not the base model."""
+        from deltatune.peft_format import save_adapter
+
+        save_adapter(self, directory, adapter_name)
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -342,7 +342,7 @@ class LoRALayer(DeltaModule):
             return self._forward_per_example(x, out)
         for name in self.active_adapters:
             if name not in self._merged:
-                out = out + self._lora(x, name)
+                out = out + self._lora(x, name).to(out.dtype)
         return out
 
     def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
