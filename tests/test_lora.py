@@ -302,3 +302,20 @@ def test_save_and_load_round_trip_bit_exactly(tmp_path):
     ours, theirs = model.adapter_parameters("default"), loaded.adapter_parameters("default")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_modules_to_save_keeps_one_copy_per_adapter(input_ids):
+    reference = logits_of(tiny_llama(), input_ids)
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=2, targets=["q_proj"], modules_to_save=("lm_head",)), "a")
+    model.add_adapter("b", dt.LoRA(rank=2, targets=["q_proj"], modules_to_save=("lm_head",)))
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    model.set_adapter("a")
+    first = logits_of(model, input_ids)
+    model.set_adapter("b")
+    assert not torch.allclose(logits_of(model, input_ids), first)
+    with dt.disabled(model):
+        assert torch.equal(logits_of(model, input_ids), reference)
+    model.set_adapter("a")
+    assert torch.equal(logits_of(model, input_ids), first)
+    assert torch.allclose(logits_of(dt.merge(model), input_ids), first, atol=1e-5)

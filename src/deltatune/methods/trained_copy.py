@@ -15,7 +15,7 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.protocol import DeltaModule, check_shapes
-from deltatune.targets import is_match
+from deltatune.targets import is_match, plain_modules
 
 
 class TrainedCopy(DeltaModule):
@@ -23,6 +23,7 @@ class TrainedCopy(DeltaModule):
         super().__init__()
         self.base_layer = base_layer
         self.copies = nn.ModuleDict()
+        self._merged: list[str] = []
 
     def add_adapter(self, name: str) -> None:
         self.copies[name] = copy.deepcopy(self.base_layer)
@@ -57,7 +58,7 @@ class TrainedCopy(DeltaModule):
 
     @property
     def merged_adapters(self) -> tuple[str, ...]:
-        return tuple(getattr(self, "_merged", ()))
+        return tuple(self._merged)
 
     def unload(self) -> nn.Module:
         merged = self.merged_adapters
@@ -72,14 +73,16 @@ class TrainedCopy(DeltaModule):
 
 
 def inject_trained_copies(model: nn.Module, names: Sequence[str], adapter_name: str) -> list[str]:
-    paths = [p for p, m in model.named_modules() if p and is_match(p, names) and not isinstance(m, DeltaModule)
-             and not any(p.startswith(q + ".") for q, o in model.named_modules() if isinstance(o, TrainedCopy))]
+    """Give adapter ``adapter_name`` its own trained copy of each module matched by ``names``."""
+    paths = [p for p, _ in plain_modules(model) if p and is_match(p, names)]
     paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]  # outermost match only
-    wrapped = [p for p, m in model.named_modules() if isinstance(m, TrainedCopy) and is_match(p, names)]
-    if not paths and not wrapped:
+    if not paths:
         raise DeltatuneError(f"modules_to_save {list(names)!r} match no module of this model.")
     for path in paths:
-        model.set_submodule(path, TrainedCopy(model.get_submodule(path)))
-    for path in paths + wrapped:
+        module = model.get_submodule(path)
+        if isinstance(module, DeltaModule) and not isinstance(module, TrainedCopy):
+            raise DeltatuneError(f"Module '{path}' is both adapted and in modules_to_save; remove it from one of them.")
+        if not isinstance(module, TrainedCopy):
+            model.set_submodule(path, TrainedCopy(module))
         model.get_submodule(path).add_adapter(adapter_name)
-    return paths + wrapped
+    return paths
