@@ -202,7 +202,7 @@ class LoRALayer(DeltaModule):
         self.in_features, self.out_features = (weight.shape if self.transposed else weight.shape[::-1])
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
+        self.dropout: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.svd_init_state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA's A₀, B₀
         self.trains_bias: set[str] = set()
@@ -237,7 +237,7 @@ class LoRALayer(DeltaModule):
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(lora_A)
         self.lora_B[name] = nn.Parameter(lora_B)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout[name] = dropout
         self.scaling[name] = scale
         if train_bias and self.bias is not None:
             self.trains_bias.add(name)
@@ -298,9 +298,10 @@ class LoRALayer(DeltaModule):
     def delete_adapter(self, name: str) -> None:
         if name in self._merged:
             raise DeltatuneError(f"Adapter {name!r} is merged; unmerge it before deleting it.")
-        for container in (self.lora_A, self.lora_B, self.lora_dropout):
+        for container in (self.lora_A, self.lora_B):
             del container[name]
         self.scaling.pop(name)
+        self.dropout.pop(name)
         self.svd_init_state.pop(name, None)
         self.trains_bias.discard(name)
         self.active_adapters = tuple(n for n in self.active_adapters if n != name)
@@ -350,9 +351,11 @@ class LoRALayer(DeltaModule):
         if self.is_embedding:  # A is (r × vocab): row lookup of Aᵀ
             hidden = F.embedding(x, lora_A.T, self.base_layer.padding_idx)  # (..., r)
         else:
-            x = self.lora_dropout[name](x)
+            if self.dropout[name] > 0:
+                x = F.dropout(x, self.dropout[name], self.training)
             hidden = F.linear(x.to(lora_A.dtype), lora_A)  # (..., in) -> (..., r)
-        return F.linear(hidden, lora_B) * self.scaling[name]  # (..., r) -> (..., out)
+        # scale the narrow (..., r) hidden, not the wide output: one small multiply instead of a big one
+        return F.linear(hidden * self.scaling[name], lora_B)  # (..., r) -> (..., out)
 
     def _forward_per_example(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each example of the batch uses its own adapter ("__base__": none)."""
