@@ -70,7 +70,7 @@ class DeltaModel(nn.Module):
         del self.methods[name]
         for path, module in list(self.delta_modules()):
             if not module.adapter_names():
-                self.base_model.set_submodule(path, module.unload())
+                put_back(self.base_model, path, module.unload())
         if self.active_adapter == name:
             self.active_adapter = None
             if self.methods:
@@ -141,6 +141,15 @@ class DeltaModel(nn.Module):
             self.base_model.enable_input_require_grads()
 
 
+def put_back(model: nn.Module, path: str, module: nn.Module | None) -> None:
+    """Replace the module at ``path`` by what ``unload()`` gave; ``None`` removes it."""
+    if module is not None:
+        model.set_submodule(path, module)
+        return
+    parent, _, name = path.rpartition(".")
+    delattr(model.get_submodule(parent) if parent else model, name)
+
+
 def wrap(model: nn.Module, method: Method, adapter_name: str = "default") -> DeltaModel:
     """Add ``method`` as adapter ``adapter_name``; the base model's weights are frozen."""
     wrapped = model if isinstance(model, DeltaModel) else DeltaModel(model)
@@ -171,7 +180,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
     model.merge_adapter(adapter_names)
     base = model.base_model
     for path, module in list(model.delta_modules()):
-        base.set_submodule(path, module.unload())
+        put_back(base, path, module.unload())
     _untie_if_split(base)
     for param in base.parameters():
         param.requires_grad_(False)

@@ -19,7 +19,7 @@ from torch import nn
 
 from deltatune.atomic import atomic_file, atomic_write_text
 from deltatune.errors import DeltatuneError
-from deltatune.methods import method_from_peft_config
+from deltatune.methods import DeltaModule, method_from_peft_config
 from deltatune.model import DeltaModel, wrap
 
 CONFIG_NAME = "adapter_config.json"
@@ -42,8 +42,14 @@ def adapter_state_dict(model: DeltaModel, adapter_name: str) -> dict[str, torch.
     for path, module in model.delta_modules():
         if adapter_name in module.adapter_names():
             for local, tensor in module.adapter_state(adapter_name).items():
-                state[f"{KEY_PREFIX}{path}.{local}"] = tensor.detach().to("cpu").contiguous().clone()
+                state[key_prefix(path, module) + local] = tensor.detach().to("cpu").contiguous().clone()
     return state
+
+
+def key_prefix(path: str, module: DeltaModule) -> str:
+    """Where a module's tensors sit in the file: under its path, or at the root (prompt methods)."""
+    prefix = getattr(module, "peft_key_prefix", None)
+    return f"{KEY_PREFIX}{path}." if prefix is None else prefix
 
 
 def adapter_config(model: DeltaModel, adapter_name: str) -> dict[str, Any]:
@@ -111,27 +117,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 def load_adapter_tensors(model: DeltaModel, adapter_name: str, tensors: dict[str, torch.Tensor],
                          made_for: str | None = None) -> None:
-    owners = {path: module for path, module in model.delta_modules() if adapter_name in module.adapter_names()}
-    by_owner: dict[str, dict[str, torch.Tensor]] = {path: {} for path in owners}
+    """Hand each tensor to the module whose key it is; a tensor nobody expects is an error."""
+    owners = [(key_prefix(path, module), module) for path, module in model.delta_modules()
+              if adapter_name in module.adapter_names()]
+    owner_of = {prefix + local: (prefix, module) for prefix, module in owners
+                for local in module.adapter_state(adapter_name)}
+    by_owner: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix, _ in owners}
     for key, tensor in tensors.items():
-        path = _owner_of(key, owners)
-        if path is None:
+        if key not in owner_of:
             hint = f" (it was made for {made_for})" if made_for else ""
             raise DeltatuneError(f"Adapter tensor {key!r} has no matching module in this base model{hint}; "
                                  "load the adapter on the model it was trained on.")
-        by_owner[path][key[len(KEY_PREFIX) + len(path) + 1:]] = tensor
-    for path, module in owners.items():
-        module.load_adapter_state(adapter_name, by_owner[path], where=f"{KEY_PREFIX}{path}")
-
-
-def _owner_of(key: str, owners: dict[str, Any]) -> str | None:
-    """The longest delta-module path that ``key`` lies under."""
-    if not key.startswith(KEY_PREFIX):
-        return None
-    rest = key[len(KEY_PREFIX):]
-    parts = rest.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        candidate = ".".join(parts[:cut])
-        if candidate in owners:
-            return candidate
-    return None
+        prefix, _ = owner_of[key]
+        by_owner[prefix][key[len(prefix):]] = tensor
+    for prefix, module in owners:
+        module.load_adapter_state(adapter_name, by_owner[prefix], where=prefix.rstrip(".") or "adapter")

@@ -6,10 +6,12 @@ from typing import Any
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.lora import LoRA
+from deltatune.methods.prompt_tuning import PromptTuning
 from deltatune.methods.protocol import DeltaModule, Method
 
 METHODS: dict[str, type] = {
     "lora": LoRA,
+    "prompt": PromptTuning,
 }
 
 
@@ -28,4 +30,4 @@ def method_from_peft_config(config: dict[str, Any]) -> Method:
     raise DeltatuneError(f"adapter_config.json has peft_type {peft_type!r}, which deltatune cannot load; it reads {known}.")
 
 
-__all__ = ["METHODS", "DeltaModule", "LoRA", "Method", "method_class", "method_from_peft_config"]
+__all__ = ["METHODS", "DeltaModule", "LoRA", "Method", "PromptTuning", "method_class", "method_from_peft_config"]

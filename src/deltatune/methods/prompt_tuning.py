@@ -1,0 +1,171 @@
+"""Prompt Tuning (Lester et al., 2021, arXiv 2104.08691): a soft prompt at the input layer only.
+
+    inputs_embeds = [P; E(x)],   P: num_virtual_tokens × hidden, trained; everything else frozen.
+
+Init: random (N(0, 1)·0.02... as peft: the embedding's default N(0,1)), sampled from the rows
+of the vocabulary's embedding table, or the embeddings of a text ("Classify the sentiment:")
+repeated to length. The virtual positions are dropped from the returned logits, so outputs
+keep the base model's shape; the loss ignores them. Saved as peft's PROMPT_TUNING:
+one tensor ``prompt_embeddings`` [num_virtual_tokens, hidden].
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from deltatune.errors import DeltatuneError
+from deltatune.methods.protocol import check_shapes
+from deltatune.methods.virtual_tokens import (SequenceDelta, batch_and_length, cached_length, prepend_labels,
+                                              shift_positions, widen_attention_mask)
+
+INITS = ("random", "vocab", "text")
+
+
+@dataclass(frozen=True)
+class PromptTuning:
+    """``num_virtual_tokens`` trainable input embeddings; ``init_text`` is used when init="text"."""
+
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    init_text: str | None = None
+    tokenizer_path: str | None = None  # where init="text" finds its tokenizer (default: the model's folder)
+
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    cli_name: ClassVar[str] = "prompt"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0):
+            raise DeltatuneError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.")
+        if self.init not in INITS:
+            raise DeltatuneError(f"Prompt init must be one of {', '.join(INITS)}, got {self.init!r}.")
+        if self.init == "text" and not self.init_text:
+            raise DeltatuneError('init="text" needs init_text, e.g. init_text="Classify the sentiment:".')
+
+    def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
+        module = attached_module(model, SoftPrompt)
+        hidden = model.get_input_embeddings().weight.shape[1]
+        check_context(model, self.num_virtual_tokens)
+        module.add_adapter(adapter_name, self.initial_prompt(model, hidden))
+        return [SoftPrompt.attribute]
+
+    def initial_prompt(self, model: nn.Module, hidden: int) -> torch.Tensor:
+        table = model.get_input_embeddings().weight.detach()
+        count = self.num_virtual_tokens
+        if self.init == "vocab":
+            rows = torch.randint(0, table.shape[0], (count,))
+            return table[rows].clone().float()
+        if self.init == "text":
+            ids = text_ids(model, self.init_text, self.tokenizer_path)
+            ids = (ids * (count // len(ids) + 1))[:count]
+            return table[torch.tensor(ids)].clone().float()
+        return torch.randn(count, hidden) * table.float().std()
+
+    def peft_config(self, model: nn.Module) -> dict[str, Any]:
+        config = getattr(model, "config", None)
+        return {
+            "peft_type": self.peft_type, "num_virtual_tokens": self.num_virtual_tokens,
+            "token_dim": model.get_input_embeddings().weight.shape[1], "num_transformer_submodules": 1,
+            "num_attention_heads": getattr(config, "num_attention_heads", None),
+            "num_layers": getattr(config, "num_hidden_layers", None),
+            "prompt_tuning_init": {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}[self.init],
+            "prompt_tuning_init_text": self.init_text, "tokenizer_name_or_path": self.tokenizer_path,
+        }
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> "PromptTuning":
+        if config.get("num_transformer_submodules", 1) not in (1, None):
+            raise DeltatuneError("This prompt-tuning adapter is for an encoder–decoder model; "
+                                 "deltatune's prompt tuning supports decoder-only and encoder models.")
+        # the weights are loaded from the file, so the init does not matter: keep it cheap
+        return cls(num_virtual_tokens=int(config["num_virtual_tokens"]))
+
+
+def text_ids(model: nn.Module, text: str, tokenizer_path: str | None) -> list[int]:
+    from transformers import AutoTokenizer
+
+    path = tokenizer_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path:
+        raise DeltatuneError('init="text" needs a tokenizer: pass tokenizer_path="path/to/model".')
+    ids = AutoTokenizer.from_pretrained(path, local_files_only=True)(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DeltatuneError(f"init_text {text!r} gives no tokens; use a non-empty text.")
+    return ids
+
+
+def check_context(model: nn.Module, count: int) -> None:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and count >= limit:
+        raise DeltatuneError(f"{count} virtual tokens do not fit the model's context of {limit} positions; "
+                             "use fewer num_virtual_tokens.")
+
+
+def attached_module(model: nn.Module, kind: type) -> Any:
+    """The model's ``kind`` module (one per model, holding every adapter of that kind), made on first use."""
+    existing = getattr(model, kind.attribute, None)
+    if existing is None:
+        existing = kind()
+        model.add_module(kind.attribute, existing)
+        existing.attach(model)
+    elif not isinstance(existing, kind):
+        raise DeltatuneError(f"The model already has an attribute {kind.attribute!r}; it cannot take a {kind.__name__}.")
+    return existing
+
+
+class SoftPrompt(SequenceDelta):
+    """Holds one soft prompt per adapter and prepends the active one to the input embeddings."""
+
+    attribute = "deltatune_soft_prompt"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts = nn.ParameterDict()
+
+    def add_adapter(self, name: str, prompt: torch.Tensor) -> None:
+        self.prompts[name] = nn.Parameter(prompt)
+        self.active_adapters = self.active_adapters or (name,)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.prompts.keys())
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return {f"prompts.{name}": self.prompts[name]}
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.prompts[name].detach()}
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
+        check_shapes(where, {"prompt_embeddings": self.prompts[name].shape}, state)
+        with torch.no_grad():
+            self.prompts[name].copy_(state["prompt_embeddings"])
+
+    def delete_adapter(self, name: str) -> None:
+        del self.prompts[name]
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    peft_key_prefix = ""  # peft saves prompt tensors at the root of the file
+
+    def rewrite_call(self, host: nn.Module, name: str, call: dict) -> dict:
+        prompt = self.prompts[name]
+        count = prompt.shape[0]
+        cached = cached_length(call, self.cache_name)
+        widen_attention_mask(call, count, already_cached=cached)
+        if cached:  # a later generation step: the virtual tokens are already in the cache
+            shift_positions(call, count)
+            return call
+        batch, _, _ = batch_and_length(call)
+        ids = call.pop("input_ids", None)
+        embeds = call.get("inputs_embeds")
+        if embeds is None:
+            embeds = host.get_input_embeddings()(ids)
+        call["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
+        if call.get("position_ids") is not None:
+            virtual = torch.arange(count, device=embeds.device).expand(batch, -1)
+            call["position_ids"] = torch.cat([virtual, call["position_ids"] + count], dim=1)
+        prepend_labels(call, count)
+        self._strip = count
+        return call

@@ -1,0 +1,123 @@
+"""What the prompt-learning methods share: a hook around the host model's forward.
+
+Prompt tuning, P-tuning and prefix tuning do not swap layers; they change the *call*: extra
+positions before (or inside) the input, or extra keys and values at every layer. A
+``SequenceDelta`` registers one pre-hook and one post-hook on the host model, so a direct call
+and every step of ``generate()`` go through the same glue. Each method says only how to
+rewrite the call (``rewrite_call``); this file keeps the bookkeeping they have in common:
+reading the call's arguments by name, widening the attention mask, shifting position ids, and
+dropping the virtual positions from the logits so outputs keep the base model's shape.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.errors import DeltatuneError
+from deltatune.methods.protocol import DeltaModule
+
+CACHE_NAMES = ("cache", "past_key_values")  # transformers ≥ 5.x calls it `cache`; older 5.x `past_key_values`
+
+
+class SequenceDelta(DeltaModule):
+    """Base of methods that rewrite the forward call of the model they are attached to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handles: list[Any] = []
+        self._strip = 0
+        self._real_length = 0
+        self._parameters_of_call: list[str] = []
+
+    # --- attach / detach -----------------------------------------------------------------
+    def attach(self, host: nn.Module) -> None:
+        self._parameters_of_call = list(inspect.signature(host.forward).parameters)
+        self._handles = [host.register_forward_pre_hook(self._before, with_kwargs=True),
+                         host.register_forward_hook(self._after, with_kwargs=True)]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def unload(self) -> None:
+        """Nothing to put back: the hooks go, and the module is removed from the model."""
+        self.detach()
+        return None
+
+    def _before(self, host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._strip = 0
+        self._real_length = 0
+        if not self.active_adapters:
+            return args, kwargs
+        if self.batch_adapter_names is not None:
+            raise DeltatuneError("Per-example adapter choice is not available for prompt-learning methods.")
+        call = dict(zip(self._parameters_of_call, args))
+        call.update(kwargs)
+        for name in CACHE_NAMES:  # one spelling inside the glue
+            if name in call and name != self.cache_name:
+                call[self.cache_name] = call.pop(name)
+        self._real_length = batch_and_length(call)[1]
+        call = self.rewrite_call(host, self.active_adapters[-1], call)
+        return (), call
+
+    def _after(self, host: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        logits = getattr(output, "logits", None)
+        if self._strip and logits is not None and logits.shape[1] > self._real_length:
+            # drop the virtual positions; with logits_to_keep the model kept only the last ones already
+            output.logits = logits[:, -self._real_length:] if self._real_length else logits[:, :0]
+        self._strip = 0
+        return output
+
+    @property
+    def cache_name(self) -> str:
+        return next((n for n in CACHE_NAMES if n in self._parameters_of_call), CACHE_NAMES[0])
+
+    def rewrite_call(self, host: nn.Module, name: str, call: dict) -> dict:
+        raise NotImplementedError
+
+
+# --- the shared bookkeeping ----------------------------------------------------------------
+def batch_and_length(call: dict) -> tuple[int, int, torch.device]:
+    for key in ("input_ids", "inputs_embeds"):
+        if call.get(key) is not None:
+            tensor = call[key]
+            return tensor.shape[0], tensor.shape[1], tensor.device
+    raise DeltatuneError("The model was called without input_ids or inputs_embeds.")
+
+
+def cached_length(call: dict, cache_name: str) -> int:
+    cache = call.get(cache_name)
+    if cache is None:
+        return 0
+    return int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else int(cache[0][0].shape[-2])
+
+
+def widen_attention_mask(call: dict, count: int, at: int = 0, already_cached: int = 0) -> None:
+    """Insert ``count`` attended positions at index ``at`` of the 2-D attention mask."""
+    batch, length, device = batch_and_length(call)
+    mask = call.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(batch, already_cached + length, dtype=torch.long, device=device)
+    if mask.dim() != 2:
+        raise DeltatuneError("Prompt-learning methods need a 2-D attention mask (batch × length); pass that instead.")
+    ones = torch.ones(mask.shape[0], count, dtype=mask.dtype, device=mask.device)
+    call["attention_mask"] = torch.cat([mask[:, :at], ones, mask[:, at:]], dim=1)
+
+
+def shift_positions(call: dict, count: int) -> None:
+    """Real tokens move ``count`` positions right (the virtual tokens sit before them)."""
+    for key in ("position_ids", "cache_position"):
+        if call.get(key) is not None:
+            call[key] = call[key] + count
+
+
+def prepend_labels(call: dict, count: int, at: int = 0) -> None:
+    labels = call.get("labels")
+    if labels is not None:
+        ignore = torch.full((labels.shape[0], count), -100, dtype=labels.dtype, device=labels.device)
+        call["labels"] = torch.cat([labels[:, :at], ignore, labels[:, at:]], dim=1)
