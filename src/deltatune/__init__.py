@@ -10,7 +10,7 @@
 """
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods import METHODS, DeltaModule, LoRA, Method, PromptTuning
+from deltatune.methods import METHODS, DeltaModule, LoRA, Method, PrefixTuning, PromptTuning, PTuningV2
 from deltatune.model import DeltaModel, disabled, merge, trainable_parameters, wrap
 from deltatune.methods.lora_combine import add_weighted_adapter
 from deltatune.peft_format import load_adapter, save_adapter
@@ -18,6 +18,6 @@ from deltatune.peft_format import load_adapter, save_adapter
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "DeltaModel", "add_weighted_adapter", "DeltaModule", "DeltatuneError", "LoRA", "Method", "PromptTuning",
+    "METHODS", "DeltaModel", "add_weighted_adapter", "DeltaModule", "DeltatuneError", "LoRA", "Method", "PTuningV2", "PrefixTuning", "PromptTuning",
     "disabled", "load_adapter", "merge", "save_adapter", "trainable_parameters", "wrap",
 ]

@@ -26,14 +26,26 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 
-TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
-              "ForConditionalGeneration": "SEQ_2_SEQ_LM", "ForTokenClassification": "TOKEN_CLS",
-              "ForQuestionAnswering": "QUESTION_ANS"}
+def _auto_class_names(mapping_name: str) -> set[str]:
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for value in getattr(modeling_auto, mapping_name, {}).values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+TASK_MAPPINGS = {"CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+                 "SEQ_2_SEQ_LM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+                 "SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+                 "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                 "QUESTION_ANS": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"}
 
 
 def task_type(model: nn.Module) -> str | None:
+    """peft's task_type for a transformers model class (it decides how peft wraps the model)."""
     name = type(model).__name__
-    return next((task for suffix, task in TASK_TYPES.items() if name.endswith(suffix)), None)
+    return next((task for task, mapping in TASK_MAPPINGS.items() if name in _auto_class_names(mapping)), None)
 
 
 def adapter_state_dict(model: DeltaModel, adapter_name: str) -> dict[str, torch.Tensor]:

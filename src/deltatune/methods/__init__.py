@@ -6,12 +6,16 @@ from typing import Any
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.lora import LoRA
+from deltatune.methods.p_tuning_v2 import PTuningV2
+from deltatune.methods.prefix_tuning import PrefixTuning
 from deltatune.methods.prompt_tuning import PromptTuning
 from deltatune.methods.protocol import DeltaModule, Method
 
 METHODS: dict[str, type] = {
     "lora": LoRA,
     "prompt": PromptTuning,
+    "prefix": PrefixTuning,
+    "ptuning-v2": PTuningV2,
 }
 
 
@@ -30,4 +34,4 @@ def method_from_peft_config(config: dict[str, Any]) -> Method:
     raise DeltatuneError(f"adapter_config.json has peft_type {peft_type!r}, which deltatune cannot load; it reads {known}.")
 
 
-__all__ = ["METHODS", "DeltaModule", "LoRA", "Method", "PromptTuning", "method_class", "method_from_peft_config"]
+__all__ = ["METHODS", "DeltaModule", "LoRA", "Method", "PTuningV2", "PrefixTuning", "PromptTuning", "method_class", "method_from_peft_config"]

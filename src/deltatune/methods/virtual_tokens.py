@@ -66,6 +66,7 @@ class SequenceDelta(DeltaModule):
         return (), call
 
     def _after(self, host: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        self.finish_call(host)
         logits = getattr(output, "logits", None)
         if self._strip and logits is not None and logits.shape[1] > self._real_length:
             # drop the virtual positions; with logits_to_keep the model kept only the last ones already
@@ -79,6 +80,9 @@ class SequenceDelta(DeltaModule):
 
     def rewrite_call(self, host: nn.Module, name: str, call: dict) -> dict:
         raise NotImplementedError
+
+    def finish_call(self, host: nn.Module) -> None:
+        """Undo whatever ``rewrite_call`` set on the host for the length of one call."""
 
 
 # --- the shared bookkeeping ----------------------------------------------------------------
@@ -97,12 +101,18 @@ def cached_length(call: dict, cache_name: str) -> int:
     return int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else int(cache[0][0].shape[-2])
 
 
-def widen_attention_mask(call: dict, count: int, at: int = 0, already_cached: int = 0) -> None:
-    """Insert ``count`` attended positions at index ``at`` of the 2-D attention mask."""
+def widen_attention_mask(call: dict, count: int, already_cached: int = 0, at: int = 0) -> None:
+    """Insert ``count`` attended positions at index ``at`` of the 2-D attention mask.
+
+    A missing mask becomes all ones over everything the model will see; on a later generation
+    step (``already_cached`` > 0) the cache already holds the virtual positions.
+    """
     batch, length, device = batch_and_length(call)
     mask = call.get("attention_mask")
     if mask is None:
-        mask = torch.ones(batch, already_cached + length, dtype=torch.long, device=device)
+        total = already_cached + length + (0 if already_cached else count)
+        call["attention_mask"] = torch.ones(batch, total, dtype=torch.long, device=device)
+        return
     if mask.dim() != 2:
         raise DeltatuneError("Prompt-learning methods need a 2-D attention mask (batch × length); pass that instead.")
     ones = torch.ones(mask.shape[0], count, dtype=mask.dtype, device=mask.device)
