@@ -319,3 +319,18 @@ def test_modules_to_save_keeps_one_copy_per_adapter(input_ids):
     model.set_adapter("a")
     assert torch.equal(logits_of(model, input_ids), first)
     assert torch.allclose(logits_of(dt.merge(model), input_ids), first, atol=1e-5)
+
+
+def test_pissa_training_state_resumes_the_native_factors(tmp_path, input_ids):
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=4, alpha=4, init="pissa", targets=["q_proj"]))
+    randomize(model, seed=5)
+    dt.save_adapter(model, tmp_path)
+    resumed = dt.load_adapter(tiny_llama(), tmp_path, trainable=True)
+    layer = resumed.base_model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].shape[0] == 4  # PiSSA's own rank, not the rank-2r export
+    assert torch.allclose(logits_of(resumed, input_ids), logits_of(model, input_ids), atol=1e-5)
+
+
+def test_plain_lora_writes_no_training_state(tmp_path):
+    dt.save_adapter(dt.wrap(tiny_llama(), dt.LoRA(rank=2, targets=["q_proj"])), tmp_path)
+    assert not (tmp_path / "adapter_training_state.safetensors").exists()

@@ -195,3 +195,19 @@ def test_each_method_lowers_held_out_loss_on_stories260k(method, tmp_path):
                    save_model=dt.save_adapter, progress=False)
     (_, before), (_, after) = result.eval_losses[0], result.eval_losses[-1]
     assert after < 0.9 * before, (before, after)  # prompt tuning is weak on tiny models (arXiv 2104.08691)
+
+
+def test_training_state_beside_the_peft_file_resumes_the_prefix_mlp(tmp_path):
+    model = dt.wrap(tiny_llama(), dt.PrefixTuning(num_virtual_tokens=4, projection_hidden_size=16))
+    shrink(model)
+    x = ids()
+    expected = logits_of(model, x)
+    dt.save_adapter(model, tmp_path)
+    assert (tmp_path / "adapter_training_state.safetensors").is_file()  # peft's file holds only the folded table
+    resumed = dt.load_adapter(tiny_llama(), tmp_path, trainable=True)
+    ours, theirs = model.adapter_parameters("default"), resumed.adapter_parameters("default")
+    assert ours.keys() == theirs.keys() and any("projections" in k for k in ours)
+    assert all(torch.equal(ours[k], theirs[k]) and theirs[k].requires_grad for k in ours)
+    assert torch.allclose(logits_of(resumed, x), expected, atol=1e-6)
+    folded = dt.load_adapter(tiny_llama(), tmp_path)  # inference: the folded table only
+    assert not any("projections" in k for k in folded.adapter_parameters("default"))

@@ -7,6 +7,7 @@ out, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,10 +20,11 @@ from torch import nn
 
 from deltatune.atomic import atomic_file, atomic_write_text
 from deltatune.errors import DeltatuneError
-from deltatune.methods import DeltaModule, method_from_peft_config
+from deltatune.methods import DeltaModule, method_class, method_from_peft_config
 from deltatune.model import DeltaModel, wrap
 
 CONFIG_NAME = "adapter_config.json"
+TRAINING_STATE_NAME = "adapter_training_state.safetensors"  # deltatune's own: full trainable state
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 
@@ -40,6 +42,15 @@ TASK_MAPPINGS = {"CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
                  "SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
                  "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
                  "QUESTION_ANS": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"}
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: tuples to lists, mappings to dicts."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def task_type(model: nn.Module) -> str | None:
@@ -66,7 +77,9 @@ def key_prefix(path: str, module: DeltaModule) -> str:
 
 def adapter_config(model: DeltaModel, adapter_name: str) -> dict[str, Any]:
     base = model.base_model
-    config = model.methods[adapter_name].peft_config(base)
+    method = model.methods[adapter_name]
+    config = method.peft_config(base)
+    config["deltatune_method"] = {"name": method.cli_name, "settings": _plain(dataclasses.asdict(method))}
     config["task_type"] = task_type(base)
     config["base_model_name_or_path"] = getattr(getattr(base, "config", None), "_name_or_path", None) or None
     config["inference_mode"] = True
@@ -87,8 +100,26 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     # present holds a complete adapter, and other files in it (a run's log) are left alone.
     with atomic_file(directory / WEIGHTS_NAME) as staging:
         save_file(state, str(staging), metadata={"format": "pt"})
+    training_state = training_state_dict(model, name)
+    if training_state:
+        with atomic_file(directory / TRAINING_STATE_NAME) as staging:
+            save_file(training_state, str(staging), metadata={"format": "pt"})
+    else:
+        (directory / TRAINING_STATE_NAME).unlink(missing_ok=True)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(directory)
+
+
+def training_state_dict(model: DeltaModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Every trainable tensor of the adapter, when peft's file holds less (a folded MLP, PiSSA's
+    rewritten factors): what exact resumption needs. Empty when peft's tensors are the parameters."""
+    params = model.adapter_parameters(adapter_name)
+    pointers = {p.data_ptr() for p in params.values()}
+    saved = [t for path, m in model.delta_modules() if adapter_name in m.adapter_names()
+             for t in m.adapter_state(adapter_name).values()]
+    if len(saved) == len(params) and all(t.data_ptr() in pointers for t in saved):
+        return {}
+    return {key: p.detach().to("cpu").contiguous().clone() for key, p in params.items()}
 
 
 def read_adapter_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -118,13 +149,38 @@ def read_adapter_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], d
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
                  trainable: bool = False) -> DeltaModel:
     """Put the adapter saved in ``directory`` onto ``model`` (a base model or a DeltaModel)."""
+    """Put the adapter saved in ``directory`` onto ``model`` (a base model or a DeltaModel).
+
+    With ``trainable=True`` and a training state in the folder (written by deltatune when peft's
+    file holds less than the trainable parameters), the exact training-time form comes back —
+    the prefix MLP, PiSSA's factors — so training continues where it stopped.
+    """
     config, tensors = read_adapter_folder(directory)
-    method = method_from_peft_config(config)
-    wrapped = wrap(model, method, adapter_name)
-    load_adapter_tensors(wrapped, adapter_name, tensors, config.get("base_model_name_or_path"))
+    resumable = Path(directory, TRAINING_STATE_NAME).is_file() and "deltatune_method" in config
+    if trainable and resumable:
+        described = config["deltatune_method"]
+        wrapped = wrap(model, method_class(described["name"])(**described["settings"]), adapter_name)
+        load_training_state(wrapped, adapter_name, load_file(str(Path(directory, TRAINING_STATE_NAME))))
+    else:
+        wrapped = wrap(model, method_from_peft_config(config), adapter_name)
+        load_adapter_tensors(wrapped, adapter_name, tensors, config.get("base_model_name_or_path"))
     for param in wrapped.adapter_parameters(adapter_name).values():
         param.requires_grad_(trainable)
     return wrapped
+
+
+def load_training_state(model: DeltaModel, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+    params = model.adapter_parameters(adapter_name)
+    if set(params) != set(tensors):
+        missing = sorted(set(params) ^ set(tensors))[0]
+        raise DeltatuneError(f"The training state does not fit this model (tensor {missing!r}); "
+                             "load it on the base model and method it was trained with.")
+    with torch.no_grad():
+        for key, param in params.items():
+            if param.shape != tensors[key].shape:
+                raise DeltatuneError(f"Training-state tensor {key!r} has shape {tuple(tensors[key].shape)} but the "
+                                     f"model needs {tuple(param.shape)}; load it on the model it was trained on.")
+            param.copy_(tensors[key])
 
 
 def load_adapter_tensors(model: DeltaModel, adapter_name: str, tensors: dict[str, torch.Tensor],
