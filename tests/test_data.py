@@ -194,3 +194,18 @@ def test_batches_from_any_step_equal_the_uninterrupted_stream():
     stream = list(itertools.chain.from_iterable(uninterrupted))
     for epoch in range(8):
         assert stream[epoch * 7 : epoch * 7 + 7] == epoch_order(7, seed=11, epoch=epoch)
+
+
+def test_advertisegen_content_summary_records(tmp_path):
+    path = tmp_path / "adgen.jsonl"
+    path.write_text('{"content": "类型#上衣*材质#牛仔布", "summary": "这件牛仔外套"}\n', encoding="utf-8")
+    [example] = load_examples(path)
+    assert example == Example(prompt="类型#上衣*材质#牛仔布", completion="这件牛仔外套")
+
+
+def test_shared_advertisegen_file_loads():
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "advertisegen" / "dev.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is not present: the shared AdvertiseGen data is needed for this test")
+    examples = load_examples(path)
+    assert len(examples) == 1070 and all(e.prompt and e.completion for e in examples)

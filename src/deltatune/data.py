@@ -1,8 +1,9 @@
 """Training data: read records, turn them into token ids and labels, batch them.
 
 A record is either a prompt with a completion (the loss sees only the completion), plain
-text (the loss sees every token) or an Alpaca instruction (rendered with the Alpaca
-template into a prompt; the output is the completion). Files are JSONL, one record a
+text (the loss sees every token), an Alpaca instruction (rendered with the Alpaca
+template into a prompt; the output is the completion) or an AdvertiseGen pair (content is
+the prompt, summary the completion — the ChatGLM P-Tuning v2 demo task). Files are JSONL, one record a
 line, or one JSON array of records; the format is read from the content, not the name.
 
 Batches come from an endless stream of example indices: epoch ``e`` is the permutation
@@ -38,7 +39,8 @@ ALPACA_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-EXPECTED_KEYS = "'prompt' and 'completion', or 'text', or 'instruction' and 'output' (optional 'input')"
+EXPECTED_KEYS = ("'prompt' and 'completion', or 'text', or 'instruction' and 'output' (optional 'input'), "
+                 "or 'content' and 'summary' (AdvertiseGen)")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ def _example_from_record(where: str, record: Any) -> Example:
         fields = {"prompt": record["prompt"], "completion": record["completion"]}
     elif "text" in record:
         fields = {"prompt": "", "completion": record["text"]}
+    elif "content" in record and "summary" in record:  # AdvertiseGen / ChatGLM P-Tuning v2 demo layout
+        fields = {"prompt": record["content"], "completion": record["summary"]}
     elif "instruction" in record and "output" in record:
         instruction, context = record["instruction"], record.get("input") or ""
         template = ALPACA_PROMPT if context else ALPACA_PROMPT_NO_INPUT
