@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,20 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.startswith("deltatune: error:") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("method,extra", [("prompt", ["num_virtual_tokens=4", "init=vocab"]),
+                                          ("prefix", ["num_virtual_tokens=4", "projection_hidden_size=16"]),
+                                          ("ptuning-v2", ["num_virtual_tokens=8"])])
+def test_prompt_learning_methods_train_from_the_cli(method, extra, tmp_path, capsys):
+    rows = [json.loads(line) for line in bundled("e2e/train.jsonl").read_text().splitlines()[:16]]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    output = tmp_path / method
+    assert main(["train", "--model", MODEL, "--data", str(data), "--method", method, "--output", str(output),
+                 "--max-steps", "2", "--quiet", "batch_size=4", *extra]) == 0
+    capsys.readouterr()
+    assert main(["info", str(output)]) == 0
+    info = capsys.readouterr().out
+    assert f"({method})" in info and "virtual tokens" in info and re.search(r"loads in peft\s+yes", info)
+    assert main(["generate", "--model", MODEL, "--adapter", str(output), "--prompt", "name : Aromi",
+                 "--max-new-tokens", "4"]) == 0

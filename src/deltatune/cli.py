@@ -62,23 +62,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(prompt + text)
 
 
+INFO_KEYS = {  # peft config keys worth showing, in order, for whichever method wrote them
+    "r": "rank", "lora_alpha": "alpha", "target_modules": "targets", "use_rslora": "rsLoRA",
+    "num_virtual_tokens": "virtual tokens", "prefix_projection": "prefix MLP", "encoder_reparameterization_type":
+    "prompt encoder", "num_layers": "layers", "modules_to_save": "trained in full",
+}
+
+
 def cmd_info(args: argparse.Namespace) -> None:
-    from deltatune.peft_format import read_adapter_folder
+    from deltatune.peft_format import TRAINING_STATE_NAME, read_adapter_folder
 
     config, tensors = read_adapter_folder(args.adapter)
-    rows = {
-        "method": config.get("peft_type"),
-        "rank": config.get("r"),
-        "alpha": config.get("lora_alpha"),
-        "targets": config.get("target_modules"),
-        "parameters": f"{sum(t.numel() for t in tensors.values()):,}",
-        "tensors": len(tensors),
-        "base model": config.get("base_model_name_or_path"),
-        "task": config.get("task_type"),
-    }
-    record = Path(args.adapter) / RUN_RECORD
-    if record.is_file():
-        rows["trained with"] = str(record)
+    described = config.get("deltatune_method") or {}
+    rows: dict[str, Any] = {"method": f"{config.get('peft_type')}" + (f" ({described['name']})" if described else "")}
+    rows.update({label: config[key] for key, label in INFO_KEYS.items() if config.get(key) not in (None, [], {})})
+    rows["parameters"] = f"{sum(t.numel() for t in tensors.values()):,}"
+    rows["tensors"] = len(tensors)
+    rows["base model"] = config.get("base_model_name_or_path")
+    rows["task"] = config.get("task_type")
+    rows["loads in peft"] = ("no: " + config["deltatune_peft_incompatible"]) if config.get(
+        "deltatune_peft_incompatible") else "yes"
+    folder = Path(args.adapter)
+    if (folder / TRAINING_STATE_NAME).is_file():
+        rows["training state"] = f"{TRAINING_STATE_NAME} (resume with load_adapter(..., trainable=True))"
+    if (folder / RUN_RECORD).is_file():
+        rows["trained with"] = str(folder / RUN_RECORD)
     width = max(len(k) for k in rows)
     for key, value in rows.items():
         if value is not None:
