@@ -211,3 +211,16 @@ def test_training_state_beside_the_peft_file_resumes_the_prefix_mlp(tmp_path):
     assert torch.allclose(logits_of(resumed, x), expected, atol=1e-6)
     folded = dt.load_adapter(tiny_llama(), tmp_path)  # inference: the folded table only
     assert not any("projections" in k for k in folded.adapter_parameters("default"))
+
+
+@pytest.mark.parametrize("method,arch", CASES)
+def test_right_padded_batch_logits_equal_each_example_alone(method, arch):
+    model = dt.wrap(MODELS[arch](), METHODS[method]())
+    shrink(model)
+    long, short = ids(1, 7, seed=1), ids(1, 4, seed=2)
+    batch = torch.cat([long, torch.cat([short, torch.zeros(1, 3, dtype=torch.long)], dim=1)])
+    mask = torch.tensor([[1] * 7, [1, 1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        together = model(input_ids=batch, attention_mask=mask).logits
+    assert torch.allclose(together[0], logits_of(model, long)[0], atol=1e-5)
+    assert torch.allclose(together[1, :4], logits_of(model, short)[0], atol=1e-5)
