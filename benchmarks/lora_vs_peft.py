@@ -49,6 +49,7 @@ except ImportError:  # a benchmark against peft needs peft
 STORIES = Path("/work/shared/models/stories260K")
 TARGETS = {"all-linear": "all-linear", "q,v": ["q_proj", "v_proj"]}
 RANK, ALPHA, LR, SEED = 8, 16, 1e-4, 0
+DROPOUT = 0.0  # set by --dropout
 
 
 # --- models and variants -------------------------------------------------------------------
@@ -81,10 +82,10 @@ def make_variant(kind: str, spec: ModelSpec, targets: str | list[str] | None, de
     model = fresh(spec, device)
     torch.manual_seed(SEED + 1)
     if kind == "dt":
-        model = dt.wrap(model, dt.LoRA(rank=RANK, alpha=ALPHA, targets=targets))
+        model = dt.wrap(model, dt.LoRA(rank=RANK, alpha=ALPHA, targets=targets, dropout=DROPOUT))
     elif kind == "peft":
         model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets,
-                                                           lora_dropout=0.0))
+                                                           lora_dropout=DROPOUT))
     return model.to(device).train()
 
 
@@ -337,6 +338,7 @@ def main() -> None:
                         help="timed interleaved rounds (default 20; stories260K gets 5x as many)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout for both libraries (default 0)")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--models", default="stories260K,llama27M", help="comma-separated: stories260K, llama27M")
@@ -346,6 +348,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile STEPS steps of dt and peft on each model (all-linear)")
     args = parser.parse_args()
+    global DROPOUT
+    DROPOUT = args.dropout
     if args.quick:
         args.rounds, args.warmup, args.batch, args.seq = 2, 1, 2, 32
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -368,7 +372,7 @@ def main() -> None:
 
     print(f"# deltatune {dt.__version__} vs peft {peft.__version__}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"LoRA rank {RANK}, alpha {ALPHA}, dropout 0, fp32, AdamW lr {LR}; {args.rounds} interleaved rounds "
+    print(f"LoRA rank {RANK}, alpha {ALPHA}, dropout {DROPOUT}, fp32, AdamW lr {LR}; {args.rounds} interleaved rounds "
           f"(x5 for stories260K) after {args.warmup} warm-up steps; figures are medians of per-round ratios.")
     if args.quick:
         print("--quick: a smoke run; the numbers are not meaningful.")

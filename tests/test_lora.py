@@ -334,3 +334,47 @@ def test_pissa_training_state_resumes_the_native_factors(tmp_path, input_ids):
 def test_plain_lora_writes_no_training_state(tmp_path):
     dt.save_adapter(dt.wrap(tiny_llama(), dt.LoRA(rank=2, targets=["q_proj"])), tmp_path)
     assert not (tmp_path / "adapter_training_state.safetensors").exists()
+
+
+# --- the fused kernel equals the plain autograd path ---------------------------------------
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_linear_matches_the_reference_path(dropout):
+    layer = LoRALayer(nn.Linear(16, 12))
+    layer.add_adapter("default", rank=4, alpha=8, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    layer.base_layer.weight.requires_grad_(False)
+    layer.base_layer.bias.requires_grad_(False)
+    layer.train()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+
+    def run(fused: bool):
+        for p in (x, layer.lora_A["default"], layer.lora_B["default"]):
+            p.grad = None
+        torch.manual_seed(0)
+        if fused:
+            out = layer(x)
+        else:  # the reference: base + s·B A drop(x), with the same keep-mask
+            keep = torch.rand(15, 16) >= dropout
+            dropped = (x.reshape(15, 16) * keep / (1 - dropout)).view_as(x)
+            out = layer.base_layer(x) + layer.scaling["default"] * (
+                dropped @ layer.lora_A["default"].T @ layer.lora_B["default"].T)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), x.grad.clone(), layer.lora_A["default"].grad.clone(), layer.lora_B["default"].grad.clone()
+
+    assert layer._fusable_adapter(x) == "default"
+    for fused, reference in zip(run(True), run(False)):
+        assert torch.allclose(fused, reference, atol=1e-5)  # the same sums in another order
+
+
+def test_fused_path_saves_a_bool_mask_not_a_copy_of_the_input():
+    layer = LoRALayer(nn.Linear(64, 64))
+    layer.add_adapter("default", rank=4, alpha=8, dropout=0.1)
+    layer.base_layer.requires_grad_(False)
+    layer.train()
+    saved = []
+    x = torch.randn(8, 64)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    full_size = [t for t in saved if t.shape == x.shape]
+    assert sorted(str(t.dtype) for t in full_size) == ["torch.bool", "torch.float32"]  # x once, and the mask

@@ -338,6 +338,11 @@ class LoRALayer(DeltaModule):
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self._fusable_adapter(x)
+        if fused is not None:
+            return FusedLoRALinear.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[fused],
+                                         self.lora_B[fused], self.scaling[fused],
+                                         self.dropout[fused] if self.training else 0.0)
         out = self.base_layer(x)
         if self.batch_adapter_names is not None:
             return self._forward_per_example(x, out)
@@ -345,6 +350,17 @@ class LoRALayer(DeltaModule):
             if name not in self._merged:
                 out = out + self._lora(x, name).to(out.dtype)
         return out
+
+    def _fusable_adapter(self, x: torch.Tensor) -> str | None:
+        """The one adapter the fused kernel can run here, or None for the general path."""
+        if (len(self.active_adapters) != 1 or self._merged or self.batch_adapter_names is not None
+                or type(self.base_layer) is not nn.Linear or self.base_layer.weight.requires_grad
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        name = self.active_adapters[0]
+        if not (x.dtype == self.base_layer.weight.dtype == self.lora_A[name].dtype):
+            return None
+        return name
 
     def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
@@ -375,6 +391,50 @@ class LoRALayer(DeltaModule):
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
         return f"ranks={ranks}, transposed={self.transposed}"
+
+
+class FusedLoRALinear(torch.autograd.Function):
+    """y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ for a frozen ``nn.Linear``, with a hand-written backward.
+
+    Faster than two autograd graphs: the LoRA term is added into the base output in place
+    (addmm_), and the backward fuses dx = g W + s·(g B) A into one buffer. Leaner with dropout:
+    it keeps a 1-byte keep-mask instead of a second full-size copy of the dropped input
+    (peft keeps dropout(x) for A's gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        keep = None
+        dropped = x2
+        if dropout > 0:
+            keep = torch.rand_like(x2) >= dropout  # (N, in) bool
+            dropped = x2 * keep / (1.0 - dropout)
+        hidden = dropped @ lora_A.T  # (N, r)
+        out = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T  # (N, out)
+        out.addmm_(hidden, lora_B.T, alpha=scale)  # + s·h Bᵀ without an (N, out) temporary
+        ctx.save_for_backward(x2, hidden, weight, lora_A, lora_B, keep)
+        ctx.scale, ctx.dropout, ctx.in_shape = scale, dropout, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, hidden, weight, lora_A, lora_B, keep = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        d_hidden = (g @ lora_B).mul_(ctx.scale)  # (N, r)
+        d_x = d_A = d_B = None
+        if ctx.needs_input_grad[0]:
+            if keep is None:
+                d_x = (g @ weight).addmm_(d_hidden, lora_A)  # (N, in)
+            else:
+                d_x = (g @ weight).add_((d_hidden @ lora_A) * keep, alpha=1.0 / (1.0 - ctx.dropout))
+            d_x = d_x.view(ctx.in_shape)
+        if ctx.needs_input_grad[3]:
+            dropped = x2 if keep is None else x2 * keep / (1.0 - ctx.dropout)
+            d_A = d_hidden.T @ dropped  # (r, in)
+        if ctx.needs_input_grad[4]:
+            d_B = (g.T @ hidden).mul_(ctx.scale)  # (out, r)
+        return d_x, None, None, d_A, d_B, None, None
 
 
 class TrainedBias(DeltaModule):
