@@ -290,7 +290,8 @@ def test_save_pretrained_writes_the_adapter_like_peft(tmp_path, input_ids):
     model = dt.wrap(tiny_llama(), dt.LoRA(rank=4, targets=["q_proj"]))
     randomize(model)
     model.save_pretrained(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                          "deltatune_method.json"]
     assert torch.equal(logits_of(dt.load_adapter(tiny_llama(), tmp_path), input_ids), logits_of(model, input_ids))
 
 

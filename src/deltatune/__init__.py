@@ -10,14 +10,15 @@
 """
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods import METHODS, DeltaModule, LoRA, Method, PrefixTuning, PromptTuning, PTuningV2
+from deltatune.methods import METHODS, DeltaModule, LoRA, Method, PrefixTuning, PromptTuning, PTuning, PTuningV2
 from deltatune.model import DeltaModel, disabled, merge, trainable_parameters, wrap
 from deltatune.methods.lora_combine import add_weighted_adapter
+from deltatune.methods.p_tuning import label_loss, label_scores
 from deltatune.peft_format import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "DeltaModel", "add_weighted_adapter", "DeltaModule", "DeltatuneError", "LoRA", "Method", "PTuningV2", "PrefixTuning", "PromptTuning",
-    "disabled", "load_adapter", "merge", "save_adapter", "trainable_parameters", "wrap",
+    "METHODS", "DeltaModel", "add_weighted_adapter", "DeltaModule", "DeltatuneError", "LoRA", "Method", "PTuning", "PTuningV2", "PrefixTuning", "PromptTuning",
+    "disabled", "label_loss", "label_scores", "load_adapter", "merge", "save_adapter", "trainable_parameters", "wrap",
 ]

@@ -66,15 +66,16 @@ INFO_KEYS = {  # peft config keys worth showing, in order, for whichever method 
     "r": "rank", "lora_alpha": "alpha", "target_modules": "targets", "use_rslora": "rsLoRA",
     "num_virtual_tokens": "virtual tokens", "prefix_projection": "prefix MLP", "encoder_reparameterization_type":
     "prompt encoder", "num_layers": "layers", "modules_to_save": "trained in full",
+    "deltatune_template": "template", "deltatune_verbalizer": "verbalizer",
 }
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from deltatune.peft_format import TRAINING_STATE_NAME, read_adapter_folder
+    from deltatune.peft_format import TRAINING_STATE_NAME, read_adapter_folder, read_method_description
 
     config, tensors = read_adapter_folder(args.adapter)
-    described = config.get("deltatune_method") or {}
-    rows: dict[str, Any] = {"method": f"{config.get('peft_type')}" + (f" ({described['name']})" if described else "")}
+    described = read_method_description(args.adapter) or {}
+    rows: dict[str, Any] = {"method": f"{config.get('peft_type')}" + (f" ({described['method']})" if described else "")}
     rows.update({label: config[key] for key, label in INFO_KEYS.items() if config.get(key) not in (None, [], {})})
     rows["parameters"] = f"{sum(t.numel() for t in tensors.values()):,}"
     rows["tensors"] = len(tensors)

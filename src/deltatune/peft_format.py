@@ -25,6 +25,7 @@ from deltatune.model import DeltaModel, wrap
 
 CONFIG_NAME = "adapter_config.json"
 TRAINING_STATE_NAME = "adapter_training_state.safetensors"  # deltatune's own: full trainable state
+METHOD_NAME = "deltatune_method.json"  # deltatune's own: the method and its settings, exactly
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 
@@ -79,7 +80,6 @@ def adapter_config(model: DeltaModel, adapter_name: str) -> dict[str, Any]:
     base = model.base_model
     method = model.methods[adapter_name]
     config = method.peft_config(base)
-    config["deltatune_method"] = {"name": method.cli_name, "settings": _plain(dataclasses.asdict(method))}
     config["task_type"] = task_type(base)
     config["base_model_name_or_path"] = getattr(getattr(base, "config", None), "_name_or_path", None) or None
     config["inference_mode"] = True
@@ -106,6 +106,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             save_file(training_state, str(staging), metadata={"format": "pt"})
     else:
         (directory / TRAINING_STATE_NAME).unlink(missing_ok=True)
+    described = {"method": model.methods[name].cli_name, "settings": _plain(dataclasses.asdict(model.methods[name]))}
+    atomic_write_text(directory / METHOD_NAME, json.dumps(described, indent=2, sort_keys=True) + "\n")
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(directory)
 
@@ -156,10 +158,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     the prefix MLP, PiSSA's factors — so training continues where it stopped.
     """
     config, tensors = read_adapter_folder(directory)
-    resumable = Path(directory, TRAINING_STATE_NAME).is_file() and "deltatune_method" in config
-    if trainable and resumable:
-        described = config["deltatune_method"]
-        wrapped = wrap(model, method_class(described["name"])(**described["settings"]), adapter_name)
+    described = read_method_description(directory)
+    if trainable and described and Path(directory, TRAINING_STATE_NAME).is_file():
+        wrapped = wrap(model, method_class(described["method"])(**described["settings"]), adapter_name)
         load_training_state(wrapped, adapter_name, load_file(str(Path(directory, TRAINING_STATE_NAME))))
     else:
         wrapped = wrap(model, method_from_peft_config(config), adapter_name)
@@ -167,6 +168,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     for param in wrapped.adapter_parameters(adapter_name).values():
         param.requires_grad_(trainable)
     return wrapped
+
+
+def read_method_description(directory: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(directory, METHOD_NAME)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None  # the peft files still describe the adapter
 
 
 def load_training_state(model: DeltaModel, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.lora import LoRA
+from deltatune.methods.p_tuning import PTuning
 from deltatune.methods.p_tuning_v2 import PTuningV2
 from deltatune.methods.prefix_tuning import PrefixTuning
 from deltatune.methods.prompt_tuning import PromptTuning
@@ -14,6 +15,7 @@ from deltatune.methods.protocol import DeltaModule, Method
 METHODS: dict[str, type] = {
     "lora": LoRA,
     "prompt": PromptTuning,
+    "ptuning": PTuning,
     "prefix": PrefixTuning,
     "ptuning-v2": PTuningV2,
 }
@@ -34,4 +36,4 @@ def method_from_peft_config(config: dict[str, Any]) -> Method:
     raise DeltatuneError(f"adapter_config.json has peft_type {peft_type!r}, which deltatune cannot load; it reads {known}.")
 
 
-__all__ = ["METHODS", "DeltaModule", "LoRA", "Method", "PTuningV2", "PrefixTuning", "PromptTuning", "method_class", "method_from_peft_config"]
+__all__ = ["METHODS", "DeltaModule", "LoRA", "Method", "PTuning", "PTuningV2", "PrefixTuning", "PromptTuning", "method_class", "method_from_peft_config"]
