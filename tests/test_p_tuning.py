@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -281,3 +282,19 @@ def test_peft_adapter_loads_here(tmp_path, input_ids):
     ours = dt.load_adapter(tiny_llama(), tmp_path)
     assert isinstance(ours.base_model.deltatune_p_tuning, PromptEncoderDelta)
     assert torch.allclose(logits_of(ours, input_ids), expected, atol=1e-5)
+
+
+def test_training_data_and_generation_render_the_template(tmp_path):
+    """The data pipeline and generate_text place the virtual tokens where the template says."""
+    from deltatune.data import Example, tokenize_example
+    from deltatune.generation import generate_text
+    from deltatune.pretrained import bundled, load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(bundled("stories260K"))
+    method = PTuning(template="{prompt:2} {text} {prompt:1} Answer:", encoder_hidden_size=8)
+    item = tokenize_example(Example("a cat", " yes"), tokenizer, 64, partial(method.encode_prompt, tokenizer))
+    assert item["input_ids"][0] == tokenizer.bos_token_id and item["input_ids"][1:3] == [-1, -2]
+    assert -3 in item["input_ids"] and all(label == -100 for label in item["labels"][:item["input_ids"].index(-3) + 1])
+    model = dt.wrap(load_causal_lm(bundled("stories260K")), method)
+    [text] = generate_text(model, tokenizer, ["a cat"], max_new_tokens=3)
+    assert isinstance(text, str)

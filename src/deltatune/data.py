@@ -20,7 +20,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -118,7 +118,8 @@ def _require_strings(where: str, fields: dict[str, Any]) -> None:
             raise DeltatuneError(f"{where} has a {kind} where text is expected ({key!r}): make it a string")
 
 
-def tokenize_example(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[int]] | None:
+def tokenize_example(example: Example, tokenizer: Any, max_length: int,
+                     encode_prompt: Callable[[str], list[int]] | None = None) -> dict[str, list[int]] | None:
     """Token ids and labels for one example, or None when no completion token fits.
 
     Layout: [BOS] prompt completion EOS, cut to ``max_length`` from the right. Labels are
@@ -126,7 +127,10 @@ def tokenize_example(example: Example, tokenizer: Any, max_length: int) -> dict[
     """
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    prompt_ids = bos + tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    if encode_prompt is not None:  # a method that places its own tokens (a P-tuning template)
+        prompt_ids = encode_prompt(example.prompt)
+    else:
+        prompt_ids = bos + tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + eos
     input_ids = (prompt_ids + completion_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
@@ -136,9 +140,10 @@ def tokenize_example(example: Example, tokenizer: Any, max_length: int) -> dict[
     return {"input_ids": input_ids, "labels": labels}
 
 
-def tokenize_examples(examples: Sequence[Example], tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
+def tokenize_examples(examples: Sequence[Example], tokenizer: Any, max_length: int,
+                      encode_prompt: Callable[[str], list[int]] | None = None) -> list[dict[str, list[int]]]:
     """Tokenize every example, dropping (with one warning) those cut away by ``max_length``."""
-    tokenized = [tokenize_example(example, tokenizer, max_length) for example in examples]
+    tokenized = [tokenize_example(example, tokenizer, max_length, encode_prompt) for example in examples]
     kept = [item for item in tokenized if item is not None]
     if len(kept) < len(tokenized):
         warnings.warn(

@@ -20,7 +20,9 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
 def generate_text(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
                   do_sample: bool = False, temperature: float = 1.0) -> list[str]:
     """Continuations of ``prompts`` (left-padded into one batch); greedy unless ``do_sample``."""
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    method = getattr(model, "methods", {}).get(getattr(model, "active_adapter", None))
+    encode = getattr(method, "encode_prompt", None)  # a method that places its own tokens
+    encoded = [encode(tokenizer, p) if encode else encode_prompt(tokenizer, p) for p in prompts]
     width = max(len(ids) for ids in encoded)
     pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 
 import deltatune as dt
@@ -24,8 +25,10 @@ def run_training(run: RunConfig, resume: bool = False, progress: bool = True) ->
         train_examples, eval_examples = split_examples(examples, run.eval_fraction, run.train.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_tokens = tokenize_examples(train_examples, tokenizer, run.train.max_length)
-        eval_tokens = tokenize_examples(eval_examples, tokenizer, run.train.max_length)
+        method_encoder = getattr(run.method, "encode_prompt", None)  # methods that place their own tokens
+        encode = partial(method_encoder, tokenizer) if method_encoder else None
+        train_tokens = tokenize_examples(train_examples, tokenizer, run.train.max_length, encode)
+        eval_tokens = tokenize_examples(eval_examples, tokenizer, run.train.max_length, encode)
     for warning in caught:
         print(f"deltatune: warning: {warning.message}")
     model = dt.wrap(load_causal_lm(run.model, run.dtype, run.trust_remote_code), run.method)

@@ -152,6 +152,14 @@ class PTuning:
                    template=config.get("deltatune_template"), verbalizer=config.get("deltatune_verbalizer"))
 
     # --- data side: templates and label words ------------------------------------------------
+    def encode_prompt(self, tokenizer: Any, text: str) -> list[int]:
+        """[BOS] + one example's prompt rendered as the template's {text} — what training data and
+        ``deltatune generate`` use, so virtual tokens sit where the template puts them."""
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        if self.template is None:
+            return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+        return bos + self.render(tokenizer, add_special_tokens=False, text=text)
+
     def render(self, tokenizer: Any, add_special_tokens: bool = True, **fields: Any) -> list[int]:
         """Token ids of one example; virtual token k is -(k+1). Prefix placement leaves them to the hook.
 
