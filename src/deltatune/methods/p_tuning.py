@@ -46,8 +46,7 @@ from torch.nn import functional as F
 from deltatune.errors import DeltatuneError
 from deltatune.methods.prompt_tuning import attached_module, check_context
 from deltatune.methods.protocol import check_shapes
-from deltatune.methods.virtual_tokens import (SequenceDelta, batch_and_length, cached_length, prepend_labels,
-                                              shift_positions, widen_attention_mask)
+from deltatune.methods.virtual_tokens import SequenceDelta, prepend_virtual_tokens
 
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}  # ours → peft's encoder_reparameterization_type
 PEFT_KEYS = {"peft_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
@@ -341,27 +340,8 @@ class PromptEncoderDelta(SequenceDelta):
         return self._prepend(host, name, call)
 
     def _prepend(self, host: nn.Module, name: str, call: dict) -> dict:
-        count = self.encoders[name].embedding.shape[0]
-        if call.get("attention_mask") is not None:  # None already means "attend to everything"
-            widen_attention_mask(call, count)
-        if cached_length(call, self.cache_name):  # a later generation step: V is in the cache already
-            shift_positions(call, count)
-            return call
-        batch, _, _ = batch_and_length(call)
-        ids = call.pop("input_ids", None)
-        embeds = call.get("inputs_embeds")
-        if embeds is None:
-            embeds = host.get_input_embeddings()(ids)  # [B, L, hidden]
-        virtual = self.encoders[name]().to(embeds.dtype)  # [P, hidden]
-        call["inputs_embeds"] = torch.cat([virtual.expand(batch, -1, -1), embeds], dim=1)  # [B, P+L, hidden]
-        if call.get("position_ids") is not None:
-            positions = torch.arange(count, device=embeds.device).expand(batch, -1)
-            call["position_ids"] = torch.cat([positions, call["position_ids"] + count], dim=1)
-        if call.get("token_type_ids") is not None:
-            types = call["token_type_ids"]
-            call["token_type_ids"] = torch.cat([types.new_zeros(batch, count), types], dim=1)
-        prepend_labels(call, count)
-        self._strip = count
+        encoder = self.encoders[name]
+        self._strip = prepend_virtual_tokens(host, call, encoder.embedding.shape[0], encoder, self.cache_name)
         return call
 
     def _fill_slots(self, host: nn.Module, name: str, call: dict) -> dict:

@@ -20,8 +20,7 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.protocol import check_shapes
-from deltatune.methods.virtual_tokens import (SequenceDelta, batch_and_length, cached_length, prepend_labels,
-                                              shift_positions, widen_attention_mask)
+from deltatune.methods.virtual_tokens import SequenceDelta, prepend_virtual_tokens
 
 INITS = ("random", "vocab", "text")
 
@@ -151,21 +150,5 @@ class SoftPrompt(SequenceDelta):
 
     def rewrite_call(self, host: nn.Module, name: str, call: dict) -> dict:
         prompt = self.prompts[name]
-        count = prompt.shape[0]
-        cached = cached_length(call, self.cache_name)
-        widen_attention_mask(call, count, already_cached=cached)
-        if cached:  # a later generation step: the virtual tokens are already in the cache
-            shift_positions(call, count)
-            return call
-        batch, _, _ = batch_and_length(call)
-        ids = call.pop("input_ids", None)
-        embeds = call.get("inputs_embeds")
-        if embeds is None:
-            embeds = host.get_input_embeddings()(ids)
-        call["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
-        if call.get("position_ids") is not None:
-            virtual = torch.arange(count, device=embeds.device).expand(batch, -1)
-            call["position_ids"] = torch.cat([virtual, call["position_ids"] + count], dim=1)
-        prepend_labels(call, count)
-        self._strip = count
+        self._strip = prepend_virtual_tokens(host, call, prompt.shape[0], lambda: prompt, self.cache_name)
         return call

@@ -12,7 +12,7 @@ dropping the virtual positions from the logits so outputs keep the base model's 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -131,3 +131,32 @@ def prepend_labels(call: dict, count: int, at: int = 0) -> None:
     if labels is not None:
         ignore = torch.full((labels.shape[0], count), -100, dtype=labels.dtype, device=labels.device)
         call["labels"] = torch.cat([labels[:, :at], ignore, labels[:, at:]], dim=1)
+
+
+def prepend_virtual_tokens(host: nn.Module, call: dict, count: int, make_virtual: Callable[[], torch.Tensor],
+                           cache_name: str) -> int:
+    """Put ``count`` virtual embeddings (``make_virtual()``: [P, hidden]) before the input.
+
+    On a later generation step they are in the cache already, so only the mask and positions
+    move. Returns how many leading logits positions are virtual (0 on such a step).
+    """
+    cached = cached_length(call, cache_name)
+    widen_attention_mask(call, count, already_cached=cached)
+    if cached:
+        shift_positions(call, count)
+        return 0
+    batch, _, _ = batch_and_length(call)
+    ids = call.pop("input_ids", None)
+    embeds = call.get("inputs_embeds")
+    if embeds is None:
+        embeds = host.get_input_embeddings()(ids)  # [B, L, hidden]
+    virtual = make_virtual().to(embeds.dtype)  # [P, hidden]
+    call["inputs_embeds"] = torch.cat([virtual.expand(batch, -1, -1), embeds], dim=1)  # [B, P+L, hidden]
+    if call.get("position_ids") is not None:
+        positions = torch.arange(count, device=embeds.device).expand(batch, -1)
+        call["position_ids"] = torch.cat([positions, call["position_ids"] + count], dim=1)
+    if call.get("token_type_ids") is not None:
+        types = call["token_type_ids"]
+        call["token_type_ids"] = torch.cat([types.new_zeros(batch, count), types], dim=1)
+    prepend_labels(call, count)
+    return count
