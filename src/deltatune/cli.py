@@ -67,6 +67,7 @@ INFO_KEYS = {  # peft config keys worth showing, in order, for whichever method 
     "num_virtual_tokens": "virtual tokens", "prefix_projection": "prefix MLP", "encoder_reparameterization_type":
     "prompt encoder", "num_layers": "layers", "modules_to_save": "trained in full",
     "deltatune_template": "template", "deltatune_verbalizer": "verbalizer",
+    "deltatune_encoder_prefix": "encoder prefix", "deltatune_cross_prefix": "cross-attention prefix",
 }
 
 

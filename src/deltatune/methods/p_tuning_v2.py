@@ -3,7 +3,9 @@
 The same mechanism as prefix tuning — trainable keys and values for ``num_virtual_tokens``
 positions at every layer — with the paper's choices: no reparameterisation by default (the
 table itself trains) and long prompts (64–128 for hard tasks). peft stores it as
-PREFIX_TUNING with ``prefix_projection: false``, so it loads there unchanged.
+PREFIX_TUNING with ``prefix_projection: false``; decoder-only adapters (and encoder–decoder ones
+with only the decoder-side prefix) load there unchanged. On encoders (BERT/RoBERTa
+classification, the paper's main setup) the task head trains too; see prefix_tuning.py.
 """
 
 from __future__ import annotations
