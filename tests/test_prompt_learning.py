@@ -241,3 +241,32 @@ def test_ptuning_v2_learns_advertisegen_generation(tmp_path):
                    progress=False)
     (_, before), (_, after) = result.eval_losses[0], result.eval_losses[-1]
     assert after < 0.9 * before, (before, after)
+
+
+def test_prefix_on_a_model_without_a_readable_attention_layout_says_what_to_change():
+    with pytest.raises(dt.DeltatuneError, match="transformers model"):
+        dt.wrap(torch.nn.Sequential(torch.nn.Linear(4, 4)), dt.PrefixTuning(num_virtual_tokens=2))
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    distilbert = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4,
+                                                                      hidden_dim=64, max_position_embeddings=64))
+    try:
+        model = dt.wrap(distilbert, dt.PTuningV2(num_virtual_tokens=4))
+    except dt.DeltatuneError as error:  # refused: the message names the model and what it lacks
+        assert "DistilBert" in str(error) or "distilbert" in str(error)
+    else:  # accepted: then it must really use the prefix
+        x = ids(2, 6)
+        with torch.no_grad():
+            adapted = model(input_ids=x).logits
+            with dt.disabled(model):
+                assert not torch.allclose(model(input_ids=x).logits, adapted)
+
+
+def test_prompt_init_from_text_uses_the_text_embeddings():
+    tokenizer = load_tokenizer(bundled("stories260K"))
+    base = load_causal_lm(bundled("stories260K"))
+    model = dt.wrap(base, dt.PromptTuning(num_virtual_tokens=6, init="text", init_text="Describe the place:"))
+    text_ids = tokenizer("Describe the place:", add_special_tokens=False)["input_ids"]
+    expected_ids = (text_ids * 6)[:6]
+    table = model.base_model.get_input_embeddings().weight
+    assert torch.equal(model.adapter_parameters("default")["deltatune_soft_prompt.prompts.default"], table[expected_ids])
