@@ -298,3 +298,10 @@ def test_training_data_and_generation_render_the_template(tmp_path):
     model = dt.wrap(load_causal_lm(bundled("stories260K")), method)
     [text] = generate_text(model, tokenizer, ["a cat"], max_new_tokens=3)
     assert isinstance(text, str)
+
+
+def test_disabled_model_refuses_template_slots_with_a_clear_error():
+    model = dt.wrap(tiny_llama(), PTuning(template="{text} {prompt:2} ok", encoder_hidden_size=8))
+    slotted = torch.tensor([[5, 6, -1, -2, 7]])
+    with dt.disabled(model), pytest.raises(dt.DeltatuneError, match="template slots"):
+        model(input_ids=slotted)

@@ -301,6 +301,7 @@ class PromptEncoderDelta(SequenceDelta):
 
     attribute = "deltatune_p_tuning"
     peft_key_prefix = ""  # peft saves prompt tensors at the root of the file
+    slots_in_input_ids = True
 
     def __init__(self) -> None:
         super().__init__()

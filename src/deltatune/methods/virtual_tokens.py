@@ -26,6 +26,8 @@ CACHE_NAMES = ("cache", "past_key_values")  # transformers ≥ 5.x calls it `cac
 class SequenceDelta(DeltaModule):
     """Base of methods that rewrite the forward call of the model they are attached to."""
 
+    slots_in_input_ids = False  # True for methods whose virtual tokens travel as negative ids
+
     def __init__(self) -> None:
         super().__init__()
         self._handles: list[Any] = []
@@ -53,6 +55,11 @@ class SequenceDelta(DeltaModule):
         self._strip = 0
         self._real_length = 0
         if not self.active_adapters:
+            if self.slots_in_input_ids:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                if torch.is_tensor(ids) and ids.numel() and int(ids.min()) < 0:
+                    raise DeltatuneError("input_ids hold P-tuning template slots (negative ids), which the base model "
+                                         "cannot read; for base behaviour encode the prompt without the template.")
             return args, kwargs
         if self.batch_adapter_names is not None:
             raise DeltatuneError("Per-example adapter choice is not available for prompt-learning methods.")
