@@ -17,6 +17,7 @@ from deltatune.methods.prefix_tuning import AttentionLayout
 
 from conftest import tiny_bert
 from test_architectures import tiny_bart
+from test_prompt_learning import ids, shrink
 
 
 def tiny_t5():
@@ -42,18 +43,6 @@ SIDES = ("encoder", "decoder", "cross")
 
 def method(**overrides):
     return dt.PTuningV2(num_virtual_tokens=3, **overrides)
-
-
-def shrink(model: dt.DeltaModel, scale: float = 0.3, seed: int = 7) -> None:
-    """Moderate random values, so outputs are not dominated by a huge random prefix."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.adapter_parameters(model.active_adapter).values():
-            param.copy_(torch.randn(param.shape, generator=generator) * scale)
-
-
-def ids(batch=2, length=7, seed=0):
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def run(model, x, mask=None, grad=False):

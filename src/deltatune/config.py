@@ -18,6 +18,7 @@ import yaml
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods import Method, method_class
+from deltatune.peft_format import plain_data
 from deltatune.train import TrainConfig
 
 RUN_DEFAULTS: dict[str, Any] = {
@@ -47,15 +48,7 @@ class RunConfig:
     settings: Mapping[str, Any] = field(default_factory=dict)  # everything, as given, for the record
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(_plain(dict(self.settings)), sort_keys=True)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+        return yaml.safe_dump(plain_data(dict(self.settings)), sort_keys=True)
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

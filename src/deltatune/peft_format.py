@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -45,12 +45,12 @@ TASK_MAPPINGS = {"CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
                  "QUESTION_ANS": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"}
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready: tuples to lists, mappings to dicts."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+def plain_data(value: Any) -> Any:
+    """JSON/YAML-ready: tuples to lists, mappings to dicts with text keys."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_data(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_data(v) for v in value]
     return value
 
 
@@ -106,7 +106,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             save_file(training_state, str(staging), metadata={"format": "pt"})
     else:
         (directory / TRAINING_STATE_NAME).unlink(missing_ok=True)
-    described = {"method": model.methods[name].cli_name, "settings": _plain(dataclasses.asdict(model.methods[name]))}
+    described = {"method": model.methods[name].cli_name, "settings": plain_data(dataclasses.asdict(model.methods[name]))}
     atomic_write_text(directory / METHOD_NAME, json.dumps(described, indent=2, sort_keys=True) + "\n")
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(directory)
