@@ -225,7 +225,10 @@ class PrefixTables(nn.Module):
             self.projections[name] = nn.Sequential(nn.Linear(layout.hidden, projection_hidden), nn.Tanh(),
                                                    nn.Linear(projection_hidden, layout.width))
         else:
-            self.embeddings[name] = nn.Parameter(torch.randn(count, layout.width))
+            # Small keys and values: the model starts close to the base model (N(0, 1), peft's
+            # default, raised stories260K's held-out loss from 4.75 to 6.89 before any training;
+            # N(0, 0.1²) starts at 4.75 and ends lower after the same 25 steps: 3.81 against 4.63).
+            self.embeddings[name] = nn.Parameter(torch.randn(count, layout.width) * 0.1)
         self.layouts[name] = layout
 
     def table(self, name: str) -> torch.Tensor:
