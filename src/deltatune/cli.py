@@ -14,9 +14,6 @@ from typing import Any, Sequence
 
 from deltatune.errors import DeltatuneError
 
-RUN_RECORD = "deltatune_run.yaml"
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     from deltatune.config import build_run, parse_overrides, read_yaml
     from deltatune.runner import run_training
@@ -73,6 +70,7 @@ INFO_KEYS = {  # peft config keys worth showing, in order, for whichever method 
 
 def cmd_info(args: argparse.Namespace) -> None:
     from deltatune.peft_format import TRAINING_STATE_NAME, read_adapter_folder, read_method_description
+    from deltatune.runner import RUN_RECORD
 
     config, tensors = read_adapter_folder(args.adapter)
     described = read_method_description(args.adapter) or {}

@@ -118,6 +118,11 @@ def _require_strings(where: str, fields: dict[str, Any]) -> None:
             raise DeltatuneError(f"{where} has a {kind} where text is expected ({key!r}): make it a string")
 
 
+def bos_ids(tokenizer: Any) -> list[int]:
+    """[BOS] when the tokenizer has one (stories260K's does not add it itself), else []."""
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+
+
 def tokenize_example(example: Example, tokenizer: Any, max_length: int,
                      encode_prompt: Callable[[str], list[int]] | None = None) -> dict[str, list[int]] | None:
     """Token ids and labels for one example, or None when no completion token fits.
@@ -125,7 +130,7 @@ def tokenize_example(example: Example, tokenizer: Any, max_length: int,
     Layout: [BOS] prompt completion EOS, cut to ``max_length`` from the right. Labels are
     the ids on completion tokens and EOS, ``IGNORE_INDEX`` on BOS and the prompt.
     """
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    bos = bos_ids(tokenizer)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     if encode_prompt is not None:  # a method that places its own tokens (a P-tuning template)
         prompt_ids = encode_prompt(example.prompt)

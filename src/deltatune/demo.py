@@ -18,7 +18,7 @@ from deltatune.data import load_examples
 from deltatune.errors import DeltatuneError
 from deltatune.generation import encode_prompt, generate_text
 from deltatune.pretrained import bundled, load_causal_lm, load_tokenizer
-from deltatune.runner import run_training
+from deltatune.runner import RUN_RECORD, run_training
 
 SHOWN = 3  # held-out examples shown before and after
 
@@ -35,7 +35,7 @@ def demo_settings(output: str, max_steps: int) -> dict:
 def _fresh(output: Path) -> None:
     """The demo owns its output folder; refuse to wipe one that holds anything else."""
     if output.exists():
-        if any(output.iterdir()) and not (output / "deltatune_run.yaml").exists():
+        if any(output.iterdir()) and not (output / RUN_RECORD).exists():
             raise DeltatuneError(f"{output} exists and is not a deltatune run folder; pass --output to a new folder.")
         shutil.rmtree(output)
 

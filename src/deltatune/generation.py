@@ -7,13 +7,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from deltatune.data import bos_ids
 from deltatune.pretrained import pad_token_id
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """[BOS] + prompt tokens — the same layout as training (data.tokenize_example)."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()

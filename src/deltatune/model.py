@@ -52,7 +52,7 @@ class DeltaModel(nn.Module):
 
     def set_adapter(self, name: str) -> None:
         """Make ``name`` the active adapter: the one that runs and, alone, trains."""
-        self._require(name)
+        self.require_adapter(name)
         self.active_adapter = name
         for _, module in self.delta_modules():
             module.set_active([name])
@@ -63,7 +63,7 @@ class DeltaModel(nn.Module):
             param.requires_grad_(True)
 
     def delete_adapter(self, name: str) -> None:
-        self._require(name)
+        self.require_adapter(name)
         for _, module in self.delta_modules():
             if name in module.adapter_names():
                 module.delete_adapter(name)
@@ -85,7 +85,7 @@ class DeltaModel(nn.Module):
                     params[f"{path}.{local}"] = param
         return params
 
-    def _require(self, name: str) -> None:
+    def require_adapter(self, name: str) -> None:
         if name not in self.methods:
             raise DeltatuneError(f"There is no adapter named {name!r}; this model has: {', '.join(self.methods) or 'none'}.")
 
@@ -94,7 +94,7 @@ class DeltaModel(nn.Module):
         """Fold adapters (default: the active one) into the base weights, keeping them unmergeable."""
         names = list(names) if names is not None else [self.active_adapter]
         for name in names:
-            self._require(name)
+            self.require_adapter(name)
         for _, module in self.delta_modules():
             module.merge(names)
 

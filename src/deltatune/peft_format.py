@@ -91,7 +91,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if not isinstance(model, DeltaModel):
         raise DeltatuneError("save_adapter needs a model wrapped by deltatune.wrap(...) or deltatune.load_adapter(...).")
     name = adapter_name or model.active_adapter
-    model._require(name)
+    model.require_adapter(name)
     state = adapter_state_dict(model, name)
     config = adapter_config(model, name)
     directory = Path(directory)

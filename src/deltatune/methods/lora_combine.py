@@ -45,7 +45,7 @@ def add_weighted_adapter(model: DeltaModel, adapters: Sequence[str], weights: Se
     if combination == "svd" and not (isinstance(rank, int) and rank > 0):
         raise DeltatuneError("The svd combination needs rank=<positive integer>, the rank of the result.")
     for adapter in adapters:
-        model._require(adapter)
+        model.require_adapter(adapter)
         if not isinstance(model.methods[adapter], LoRA):
             raise DeltatuneError(f"Adapter {adapter!r} is not a LoRA adapter; only LoRA adapters can be combined.")
     combined: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -44,9 +44,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.prompt_tuning import attached_module, check_context
 from deltatune.methods.protocol import check_shapes
-from deltatune.methods.virtual_tokens import SequenceDelta, prepend_virtual_tokens
+from deltatune.data import bos_ids
+from deltatune.methods.virtual_tokens import SequenceDelta, attached_module, check_context, prepend_virtual_tokens
 
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}  # ours → peft's encoder_reparameterization_type
 PEFT_KEYS = {"peft_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
@@ -154,7 +154,7 @@ class PTuning:
     def encode_prompt(self, tokenizer: Any, text: str) -> list[int]:
         """[BOS] + one example's prompt rendered as the template's {text} — what training data and
         ``deltatune generate`` use, so virtual tokens sit where the template puts them."""
-        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        bos = bos_ids(tokenizer)
         if self.template is None:
             return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
         return bos + self.render(tokenizer, add_special_tokens=False, text=text)

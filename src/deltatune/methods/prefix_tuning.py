@@ -55,9 +55,9 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods.prefix_injection import (DecoderPrefix, EncoderPrefix, KeyValues, PrefixLayer, model_kind,
                                                 self_attention_modules)
 from deltatune.methods.protocol import check_shapes
-from deltatune.methods.prompt_tuning import attached_module, check_context
 from deltatune.methods.trained_copy import inject_trained_copies
-from deltatune.methods.virtual_tokens import (SequenceDelta, batch_and_length, cached_length, shift_positions,
+from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, batch_and_length, cached_length,
+                                              check_context, shift_positions,
                                               widen_attention_mask)
 
 __all__ = ["AttentionLayout", "PrefixKeyValues", "PrefixLayer", "PrefixTuning"]

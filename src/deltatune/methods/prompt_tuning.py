@@ -20,7 +20,7 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.protocol import check_shapes
-from deltatune.methods.virtual_tokens import SequenceDelta, prepend_virtual_tokens
+from deltatune.methods.virtual_tokens import SequenceDelta, attached_module, check_context, prepend_virtual_tokens
 
 INITS = ("random", "vocab", "text")
 
@@ -94,25 +94,6 @@ def text_ids(model: nn.Module, text: str, tokenizer_path: str | None) -> list[in
     if not ids:
         raise DeltatuneError(f"init_text {text!r} gives no tokens; use a non-empty text.")
     return ids
-
-
-def check_context(model: nn.Module, count: int) -> None:
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if limit is not None and count >= limit:
-        raise DeltatuneError(f"{count} virtual tokens do not fit the model's context of {limit} positions; "
-                             "use fewer num_virtual_tokens.")
-
-
-def attached_module(model: nn.Module, kind: type) -> Any:
-    """The model's ``kind`` module (one per model, holding every adapter of that kind), made on first use."""
-    existing = getattr(model, kind.attribute, None)
-    if existing is None:
-        existing = kind()
-        model.add_module(kind.attribute, existing)
-        existing.attach(model)
-    elif not isinstance(existing, kind):
-        raise DeltatuneError(f"The model already has an attribute {kind.attribute!r}; it cannot take a {kind.__name__}.")
-    return existing
 
 
 class SoftPrompt(SequenceDelta):

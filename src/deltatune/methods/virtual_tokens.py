@@ -92,6 +92,26 @@ class SequenceDelta(DeltaModule):
         """Undo whatever ``rewrite_call`` set on the host for the length of one call."""
 
 
+# --- attaching to a model ----------------------------------------------------------------
+def check_context(model: nn.Module, count: int) -> None:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and count >= limit:
+        raise DeltatuneError(f"{count} virtual tokens do not fit the model's context of {limit} positions; "
+                             "use fewer num_virtual_tokens.")
+
+
+def attached_module(model: nn.Module, kind: type) -> Any:
+    """The model's ``kind`` module (one per model, holding every adapter of that kind), made on first use."""
+    existing = getattr(model, kind.attribute, None)
+    if existing is None:
+        existing = kind()
+        model.add_module(kind.attribute, existing)
+        existing.attach(model)
+    elif not isinstance(existing, kind):
+        raise DeltatuneError(f"The model already has an attribute {kind.attribute!r}; it cannot take a {kind.__name__}.")
+    return existing
+
+
 # --- the shared bookkeeping ----------------------------------------------------------------
 def batch_and_length(call: dict) -> tuple[int, int, torch.device]:
     for key in ("input_ids", "inputs_embeds"):
