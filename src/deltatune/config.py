@@ -18,7 +18,7 @@ import yaml
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods import Method, method_class
-from deltatune.peft_format import plain_data
+from deltatune.plain_data import plain_data
 from deltatune.train import TrainConfig
 
 RUN_DEFAULTS: dict[str, Any] = {

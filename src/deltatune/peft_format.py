@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +22,7 @@ from deltatune.atomic import atomic_file, atomic_write_text
 from deltatune.errors import DeltatuneError
 from deltatune.methods import DeltaModule, method_class, method_from_peft_config
 from deltatune.model import DeltaModel, wrap
+from deltatune.plain_data import plain_data
 
 CONFIG_NAME = "adapter_config.json"
 TRAINING_STATE_NAME = "adapter_training_state.safetensors"  # deltatune's own: full trainable state
@@ -43,15 +44,6 @@ TASK_MAPPINGS = {"CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
                  "SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
                  "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
                  "QUESTION_ANS": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"}
-
-
-def plain_data(value: Any) -> Any:
-    """JSON/YAML-ready: tuples to lists, mappings to dicts with text keys."""
-    if isinstance(value, Mapping):
-        return {str(k): plain_data(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_data(v) for v in value]
-    return value
 
 
 def task_type(model: nn.Module) -> str | None:
