@@ -16,6 +16,8 @@ from deltatune.methods.lora_combine import add_weighted_adapter
 from deltatune.methods.p_tuning import label_loss, label_scores
 from deltatune.peft_format import load_adapter, save_adapter
 
+DeltaModel.writer = staticmethod(save_adapter)  # model.py knows no file format; saving wires itself in here
+
 __version__ = "0.1.0"
 
 __all__ = [

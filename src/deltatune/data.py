@@ -123,19 +123,23 @@ def bos_ids(tokenizer: Any) -> list[int]:
     return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
 
 
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """[BOS] + prompt tokens: how a prompt is laid out for training and generation alike."""
+    return bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 def tokenize_example(example: Example, tokenizer: Any, max_length: int,
-                     encode_prompt: Callable[[str], list[int]] | None = None) -> dict[str, list[int]] | None:
+                     encode: Callable[[str], list[int]] | None = None) -> dict[str, list[int]] | None:
     """Token ids and labels for one example, or None when no completion token fits.
 
     Layout: [BOS] prompt completion EOS, cut to ``max_length`` from the right. Labels are
     the ids on completion tokens and EOS, ``IGNORE_INDEX`` on BOS and the prompt.
     """
-    bos = bos_ids(tokenizer)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    if encode_prompt is not None:  # a method that places its own tokens (a P-tuning template)
-        prompt_ids = encode_prompt(example.prompt)
+    if encode is not None:  # the method's own layout (a P-tuning template places virtual tokens)
+        prompt_ids = encode(example.prompt)
     else:
-        prompt_ids = bos + tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = encode_prompt(tokenizer, example.prompt)
     completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + eos
     input_ids = (prompt_ids + completion_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
@@ -146,9 +150,9 @@ def tokenize_example(example: Example, tokenizer: Any, max_length: int,
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: Any, max_length: int,
-                      encode_prompt: Callable[[str], list[int]] | None = None) -> list[dict[str, list[int]]]:
+                      encode: Callable[[str], list[int]] | None = None) -> list[dict[str, list[int]]]:
     """Tokenize every example, dropping (with one warning) those cut away by ``max_length``."""
-    tokenized = [tokenize_example(example, tokenizer, max_length, encode_prompt) for example in examples]
+    tokenized = [tokenize_example(example, tokenizer, max_length, encode) for example in examples]
     kept = [item for item in tokenized if item is not None]
     if len(kept) < len(tokenized):
         warnings.warn(

@@ -7,13 +7,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from deltatune.data import bos_ids
+from deltatune.data import encode_prompt
 from deltatune.pretrained import pad_token_id
 
-
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """[BOS] + prompt tokens — the same layout as training (data.tokenize_example)."""
-    return bos_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+__all__ = ["encode_prompt", "generate_text"]
 
 
 @torch.no_grad()
@@ -21,8 +18,8 @@ def generate_text(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_
                   do_sample: bool = False, temperature: float = 1.0) -> list[str]:
     """Continuations of ``prompts`` (left-padded into one batch); greedy unless ``do_sample``."""
     method = getattr(model, "methods", {}).get(getattr(model, "active_adapter", None))
-    encode = getattr(method, "encode_prompt", None)  # a method that places its own tokens
-    encoded = [encode(tokenizer, p) if encode else encode_prompt(tokenizer, p) for p in prompts]
+    encode = method.encode_prompt if method is not None else encode_prompt  # a template places its own tokens
+    encoded = [encode(tokenizer, p) for p in prompts]
     width = max(len(ids) for ids in encoded)
     pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device

@@ -8,7 +8,8 @@ on whatever ``DeltaModule``s the methods put into the model — it never asks wh
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +19,16 @@ from deltatune.methods import DeltaModule, Method
 
 
 class DeltaModel(nn.Module):
-    """A base model with one or more adapters. Attribute access falls through to the base."""
+    """A base model with one or more adapters. Attribute access falls through to the base.
+
+    Every base weight starts frozen; what trains is what the active adapter's modules name in
+    ``adapter_parameters`` — new tensors (LoRA, prompts) or base weights themselves (full and
+    freeze tuning).
+    """
+
+    # How save_pretrained writes: set by the package root to deltatune.save_adapter, so this
+    # module knows no file format.
+    writer: ClassVar[Callable[..., Path] | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -128,11 +138,9 @@ class DeltaModel(nn.Module):
         with self._per_example(adapter_names):
             return self.base_model.generate(*args, **kwargs)
 
-    def save_pretrained(self, directory: str, adapter_name: str | None = None) -> None:
+    def save_pretrained(self, directory: str, adapter_name: str | None = None) -> Path:
         """peft's spelling of :func:`deltatune.save_adapter`: writes the adapter, not the base model."""
-        from deltatune.peft_format import save_adapter
-
-        save_adapter(self, directory, adapter_name)
+        return type(self).writer(self, directory, adapter_name)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
@@ -177,9 +185,15 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
     The returned module is the base model itself (modified in place); ``model`` is spent.
     """
     model = _require_wrapped(model)
-    model.merge_adapter(adapter_names)
+    names = list(adapter_names) if adapter_names is not None else [model.active_adapter]
+    for name in names:
+        model.require_adapter(name)
+        if not model.methods[name].capabilities().mergeable:
+            raise DeltatuneError(f"Adapter {name!r} ({model.methods[name].cli_name}) cannot be merged into the base "
+                                 "weights; keep it loaded for inference instead.")
     base = model.base_model
-    for path, module in list(model.delta_modules()):
+    for path, module in list(model.delta_modules()):  # one layer at a time: one extra weight at most
+        module.merge(names)
         put_back(base, path, module.unload())
     _untie_if_split(base)
     for param in base.parameters():
@@ -201,6 +215,10 @@ def _untie_if_split(model: nn.Module) -> None:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model's behaviour: every adapter off (merged ones are unmerged meanwhile)."""
     model = _require_wrapped(model)
+    for name, method in model.methods.items():
+        if not method.capabilities().reversible:
+            raise DeltatuneError(f"Adapter {name!r} ({method.cli_name}) changed the base weights in place, so the "
+                                 "base model cannot be restored; load the base model again for base behaviour.")
     merged = {path: m.merged_adapters for path, m in model.delta_modules()}
     modules = [m for _, m in model.delta_modules()]
     active = [m.active_adapters for m in modules]

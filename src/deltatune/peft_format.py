@@ -7,11 +7,10 @@ out, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -22,7 +21,6 @@ from deltatune.atomic import atomic_file, atomic_write_text
 from deltatune.errors import DeltatuneError
 from deltatune.methods import DeltaModule, method_class, method_from_peft_config
 from deltatune.model import DeltaModel, wrap
-from deltatune.plain_data import plain_data
 
 CONFIG_NAME = "adapter_config.json"
 TRAINING_STATE_NAME = "adapter_training_state.safetensors"  # deltatune's own: full trainable state
@@ -52,19 +50,31 @@ def task_type(model: nn.Module) -> str | None:
     return next((task for task, mapping in TASK_MAPPINGS.items() if name in _auto_class_names(mapping)), None)
 
 
-def adapter_state_dict(model: DeltaModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Every tensor of one adapter under its peft key."""
+def adapter_state_dict(model: DeltaModel, adapter_name: str,
+                       parameters: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of one adapter under its peft key.
+
+    ``parameters`` (keyed as ``model.adapter_parameters(adapter_name)``) gives the values to use
+    instead of the live parameters: a state dict gathered from sharded training, say.
+    """
     state = {}
     for path, module in model.delta_modules():
-        if adapter_name in module.adapter_names():
-            for local, tensor in module.adapter_state(adapter_name).items():
-                state[key_prefix(path, module) + local] = tensor.detach().to("cpu").contiguous().clone()
+        if adapter_name not in module.adapter_names():
+            continue
+        if parameters is None:
+            tensors = module.adapter_state(adapter_name)
+        else:
+            own = {local: parameters[f"{path}.{local}"] for local in module.adapter_parameters(adapter_name)}
+            with torch.no_grad():
+                tensors = module.peft_state(adapter_name, own)
+        for local, tensor in tensors.items():
+            state[key_prefix(path, module) + local] = tensor.detach().to("cpu").contiguous().clone()
     return state
 
 
 def key_prefix(path: str, module: DeltaModule) -> str:
     """Where a module's tensors sit in the file: under its path, or at the root (prompt methods)."""
-    prefix = getattr(module, "peft_key_prefix", None)
+    prefix = module.peft_key_prefix
     return f"{KEY_PREFIX}{path}." if prefix is None else prefix
 
 
@@ -98,7 +108,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             save_file(training_state, str(staging), metadata={"format": "pt"})
     else:
         (directory / TRAINING_STATE_NAME).unlink(missing_ok=True)
-    described = {"method": model.methods[name].cli_name, "settings": plain_data(dataclasses.asdict(model.methods[name]))}
+    described = {"method": model.methods[name].cli_name, "settings": model.methods[name].describe()}
     atomic_write_text(directory / METHOD_NAME, json.dumps(described, indent=2, sort_keys=True) + "\n")
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(directory)

@@ -25,8 +25,7 @@ def run_training(run: RunConfig, resume: bool = False, progress: bool = True) ->
         train_examples, eval_examples = split_examples(examples, run.eval_fraction, run.train.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        method_encoder = getattr(run.method, "encode_prompt", None)  # methods that place their own tokens
-        encode = partial(method_encoder, tokenizer) if method_encoder else None
+        encode = partial(run.method.encode_prompt, tokenizer)  # a P-tuning template places its own tokens
         train_tokens = tokenize_examples(train_examples, tokenizer, run.train.max_length, encode)
         eval_tokens = tokenize_examples(eval_examples, tokenizer, run.train.max_length, encode)
     for warning in caught:

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.protocol import DeltaModule, check_shapes
+from deltatune.methods.base_weight import WeightStore, layer_sizes, read_weight, stored_transposed
+from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes, shared_parameter_ids
+from deltatune.methods.trained_copy import inject_trained_copies
 from deltatune.targets import ALL_LINEAR, Targets, find_targets, pattern_value, resolve_targets, target_names_for_config
 
 INITS = ("kaiming", "gaussian", "pissa")
@@ -74,7 +77,7 @@ def svd_init(weight_out_in: torch.Tensor, rank: int, scale: float) -> tuple[torc
 
 # --- the config ----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LoRA:
+class LoRA(Method):
     """LoRA hyper-parameters. ``targets``: names, a regex, "all-linear", or None for defaults."""
 
     rank: int = 8
@@ -115,23 +118,24 @@ class LoRA:
         return float(pattern_value(path, self.alpha_pattern, self.alpha))
 
     # --- Method protocol -----------------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        # every init starts at the base model (B = 0, or PiSSA's exact split W = W_res + s·B A)
+        return Capabilities(mergeable=True, per_example_adapters=not self.modules_to_save and self.bias == "none")
+
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
         paths = find_targets(model, self.targets, LORA_LAYERS)
+        shared = shared_parameter_ids(model)
         for path in paths:
             module = model.get_submodule(path)
             if not isinstance(module, LoRALayer):
-                module = LoRALayer(module)
+                module = LoRALayer(module, shared_weight=id(module.weight) in shared)
                 model.set_submodule(path, module)
             module.add_adapter(
                 adapter_name, rank=self.rank_for(path), alpha=self.alpha_for(path), dropout=self.dropout,
-                rslora=self.rslora, init=self.init, train_bias=self.bias == "lora_only",
+                rslora=self.rslora, init=self.init, train_bias=self.bias != "none",
             )
         if self.bias == "all":
-            for path, module in model.named_modules():
-                if isinstance(getattr(module, "bias", None), nn.Parameter) and not isinstance(module, LoRALayer):
-                    if not isinstance(module, TrainedBias) and path:
-                        model.set_submodule(path, TrainedBias(module))
-                    model.get_submodule(path).add_adapter(adapter_name)
+            paths += inject_trained_biases(model, adapter_name)
         if self.modules_to_save:
             paths += inject_trained_copies(model, self.modules_to_save, adapter_name)
         return paths
@@ -182,30 +186,33 @@ class LoRA:
         kwargs = {ours: config[theirs] for theirs, ours in known.items() if config.get(theirs) is not None}
         return cls(**kwargs)
 
-    def describe(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 # --- the layer -----------------------------------------------------------------------------
 LORA_LAYERS = (nn.Linear, Conv1D, nn.Embedding)
 
 
 class LoRALayer(DeltaModule):
-    """Wraps one ``nn.Linear``, ``Conv1D`` or ``nn.Embedding``; holds any number of named adapters."""
+    """Wraps one ``nn.Linear``, ``Conv1D`` or ``nn.Embedding``; holds any number of named adapters.
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    The base layer's weight W changes in two ways only, both undone exactly by this layer:
+    a merged adapter adds s·B A, and a PiSSA adapter leaves the residual W − s·B₀A₀ (its
+    initial factors). While a PiSSA adapter is switched off, its s·B₀A₀ x is added back in the
+    forward, so ``disabled()`` and the other adapters see the original W.
+    """
+
+    def __init__(self, base_layer: nn.Module, shared_weight: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.is_embedding = isinstance(base_layer, nn.Embedding)
-        self.transposed = isinstance(base_layer, Conv1D) or self.is_embedding  # weight is (in × out)
-        weight = base_layer.weight
-        self.in_features, self.out_features = (weight.shape if self.transposed else weight.shape[::-1])
+        self.transposed = stored_transposed(base_layer)  # weight is (in × out)
+        self.in_features, self.out_features = layer_sizes(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.biases = nn.ParameterDict()  # adapters that train the bias: their own copy of it
         self.dropout: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.svd_init_state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA's A₀, B₀
-        self.trains_bias: set[str] = set()
+        self.svd_init_state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA's A₀, B₀ (fp32)
+        self.store = WeightStore(base_layer, shared_weight)
         self._merged: list[str] = []
 
     @property
@@ -235,44 +242,47 @@ class LoRALayer(DeltaModule):
             nn.init.normal_(lora_B)
         else:
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        self.lora_A[name] = nn.Parameter(lora_A)
-        self.lora_B[name] = nn.Parameter(lora_B)
+        self.lora_A[name] = nn.Parameter(lora_A.to(**kwargs))
+        self.lora_B[name] = nn.Parameter(lora_B.to(**kwargs))
         self.dropout[name] = dropout
         self.scaling[name] = scale
         if train_bias and self.bias is not None:
-            self.trains_bias.add(name)
-        self.active_adapters = (*self.active_adapters, name) if not self.active_adapters else self.active_adapters
+            self.biases[name] = nn.Parameter(self.bias.detach().clone())
+        self.active_adapters = self.active_adapters or (name,)
 
     def _take_svd_init(self, name: str, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = self.base_layer.weight
-        lora_A, lora_B, residual = svd_init(weight.T if self.transposed else weight, rank, scale)
-        self.base_layer.weight = nn.Parameter((residual.T if self.transposed else residual).to(weight.dtype),
-                                              requires_grad=False)
+        """PiSSA: A, B from the top-r singular triplets; the base weight keeps the residual."""
+        lora_A, lora_B, residual = svd_init(self._weight_out_in(), rank, scale)
+        self.store.write_weight(residual.T if self.transposed else residual)
         self.svd_init_state[name] = (lora_A.clone(), lora_B.clone())
-        return lora_A.to(weight.dtype), lora_B.to(weight.dtype)
+        return lora_A, lora_B
+
+    def _weight_out_in(self) -> torch.Tensor:
+        weight = read_weight(self.base_layer).float()
+        return weight.T if self.transposed else weight
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         params = {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
-        if name in self.trains_bias:
-            params["bias"] = self.base_layer.bias
+        if name in self.biases:
+            params["bias"] = self.biases[name]
         return params
 
     def _keys(self) -> tuple[str, str]:
         return ("lora_embedding_A", "lora_embedding_B") if self.is_embedding else ("lora_A.weight", "lora_B.weight")
 
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+    def peft_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         key_A, key_B = self._keys()
-        lora_A, lora_B = self.lora_A[name].detach(), self.lora_B[name].detach()
+        lora_A, lora_B = tensors["lora_A"], tensors["lora_B"]
         if name in self.svd_init_state:  # W_res + B A = W + [B, −B₀] [A; A₀]: a plain LoRA of rank 2r
             init_A, init_B = self.svd_init_state[name]
             lora_A = torch.cat([lora_A, init_A.to(lora_A)], dim=0)
             lora_B = torch.cat([lora_B, -init_B.to(lora_B)], dim=1)
         state = {key_A: lora_A, key_B: lora_B}
-        if name in self.trains_bias:
-            state["bias"] = self.base_layer.bias.detach()
+        if "bias" in tensors:
+            state["bias"] = tensors["bias"]
         return state
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
@@ -281,13 +291,16 @@ class LoRALayer(DeltaModule):
             self._resize(name, state[key_A].shape[0])
         expected = {key_A: self.lora_A[name].shape, key_B: self.lora_B[name].shape}
         check_shapes(where, expected, state)
-        self.svd_init_state.pop(name, None)
+        if name in self.svd_init_state:  # the file is a plain LoRA on the original W
+            self._restore_svd_residual(name)
         with torch.no_grad():
             self.lora_A[name].copy_(state[key_A])
             self.lora_B[name].copy_(state[key_B])
             if "bias" in state and self.bias is not None:
                 check_shapes(where, {"bias": self.bias.shape}, state)
-                self.base_layer.bias.copy_(state["bias"])
+                if name not in self.biases:
+                    self.biases[name] = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+                self.biases[name].copy_(state["bias"])
 
     def _resize(self, name: str, rank: int) -> None:
         """A saved rank that differs from the config's (rank_pattern, PiSSA): keep the scale, change r."""
@@ -295,15 +308,25 @@ class LoRALayer(DeltaModule):
         self.lora_A[name] = nn.Parameter(old.new_zeros(rank, self.in_features), requires_grad=old.requires_grad)
         self.lora_B[name] = nn.Parameter(old.new_zeros(self.out_features, rank), requires_grad=old.requires_grad)
 
+    def _restore_svd_residual(self, name: str) -> None:
+        """Give back PiSSA's s·B₀A₀ to the base weight: it is W again as far as ``name`` goes."""
+        init_A, init_B = self.svd_init_state.pop(name)
+        if not self._merged and not self.svd_init_state and self.store.restore_weight():
+            return  # the original tensor itself (tied or quantised weights keep it)
+        delta = lora_delta(init_A, init_B, self.scaling[name], self.transposed)
+        self.store.write_weight(read_weight(self.base_layer).float() + delta.to(self.base_layer.weight.device))
+
     def delete_adapter(self, name: str) -> None:
         if name in self._merged:
             raise DeltatuneError(f"Adapter {name!r} is merged; unmerge it before deleting it.")
+        if name in self.svd_init_state:
+            self._restore_svd_residual(name)
         for container in (self.lora_A, self.lora_B):
             del container[name]
+        if name in self.biases:
+            del self.biases[name]
         self.scaling.pop(name)
         self.dropout.pop(name)
-        self.svd_init_state.pop(name, None)
-        self.trains_bias.discard(name)
         self.active_adapters = tuple(n for n in self.active_adapters if n != name)
 
     # --- merge ---------------------------------------------------------------------------
@@ -316,76 +339,118 @@ class LoRALayer(DeltaModule):
         return lora_delta(self.lora_A[name], self.lora_B[name], self.scaling[name], self.transposed)
 
     def merge(self, names: Iterable[str]) -> None:
-        weight = self.base_layer.weight
+        names = [n for n in dict.fromkeys(names) if n in self.lora_A and n not in self._merged]
+        if not names:
+            return
+        # summed in fp32 and rounded once; a tied weight is replaced, not written, so the module
+        # that shares it (the output head) keeps the original
+        weight = read_weight(self.base_layer).float()
         for name in names:
-            if name in self._merged or name not in self.lora_A:
-                continue
-            # A new Parameter rather than an in-place add: a tied weight (embeddings shared with
-            # the output head) keeps its original value in the module that was not adapted.
-            weight = nn.Parameter(merged_weight(weight, self.lora_A[name], self.lora_B[name], self.scaling[name],
-                                                self.transposed), requires_grad=False)
-            self._merged.append(name)
-        self.base_layer.weight = weight
+            weight = weight + self.delta(name)
+        self.store.write_weight(weight)
+        bias_from = [n for n in names if n in self.biases]
+        if bias_from:
+            self.store.write_bias(self.biases[bias_from[-1]])
+        self._merged.extend(names)
 
     def unmerge(self) -> None:
-        weight = self.base_layer.weight.float()
-        while self._merged:
-            weight = weight - self.delta(self._merged.pop())
-        self.base_layer.weight = nn.Parameter(weight.to(self.base_layer.weight.dtype), requires_grad=False)
+        if not self._merged:
+            return  # nothing merged: the weight is not touched at all
+        merged, self._merged = self._merged, []
+        self.store.restore_bias()
+        if not self.svd_init_state and self.store.restore_weight():
+            return  # the original tensor itself: bit-exact, ties kept
+        weight = read_weight(self.base_layer).float()
+        for name in merged:
+            weight = weight - self.delta(name)
+        self.store.write_weight(weight)
 
     def unload(self) -> nn.Module:
+        """The base layer with merged adapters folded in; PiSSA residuals of unmerged ones given back."""
+        for name in [n for n in self.svd_init_state if n not in self._merged]:
+            self._restore_svd_residual(name)
         return self.base_layer
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self._fusable_adapter(x)
+        if self.batch_adapter_names is not None:
+            return self._forward_per_example(x)
+        running = [n for n in self.active_adapters if n not in self._merged]
+        fused = self._fusable_adapter(x, running)
         if fused is not None:
-            return FusedLoRALinear.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[fused],
+            return FusedLoRALinear.apply(x, self.base_layer.weight, self._bias_for(running), self.lora_A[fused],
                                          self.lora_B[fused], self.scaling[fused],
                                          self.dropout[fused] if self.training else 0.0)
-        out = self.base_layer(x)
-        if self.batch_adapter_names is not None:
-            return self._forward_per_example(x, out)
-        for name in self.active_adapters:
-            if name not in self._merged:
-                out = out + self._lora(x, name).to(out.dtype)
+        out = self._base_forward(x, self._bias_for(running))
+        for name in running:
+            out = out + self._lora(x, name).to(out.dtype)
+        for name in self._svd_inits_to_restore(running):
+            out = out + self._svd_init_term(x, name).to(out.dtype)
         return out
 
-    def _fusable_adapter(self, x: torch.Tensor) -> str | None:
+    def _bias_for(self, running: list[str]) -> torch.Tensor | None:
+        """The running adapter's own bias if it trains one, else the base layer's."""
+        own = [n for n in running if n in self.biases]
+        return self.biases[own[-1]] if own else self.bias
+
+    def _base_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if bias is self.bias:
+            return self.base_layer(x)
+        return functional_call(self.base_layer, {"bias": bias}, (x,))
+
+    def _svd_inits_to_restore(self, running: Iterable[str]) -> list[str]:
+        """PiSSA adapters neither running nor merged: the base weight lacks their s·B₀A₀."""
+        return [n for n in self.svd_init_state if n not in running and n not in self._merged]
+
+    def _fusable_adapter(self, x: torch.Tensor, running: list[str]) -> str | None:
         """The one adapter the fused kernel can run here, or None for the general path."""
-        if (len(self.active_adapters) != 1 or self._merged or self.batch_adapter_names is not None
-                or type(self.base_layer) is not nn.Linear or self.base_layer.weight.requires_grad
-                or torch.is_autocast_enabled(x.device.type)):
+        if (len(running) != 1 or self._merged or type(self.base_layer) is not nn.Linear
+                or self.base_layer.weight.requires_grad or torch.is_autocast_enabled(x.device.type)
+                or self._svd_inits_to_restore(running)):
             return None
-        name = self.active_adapters[0]
+        name = running[0]
         if not (x.dtype == self.base_layer.weight.dtype == self.lora_A[name].dtype):
             return None
         return name
 
-    def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+    def _low_rank(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                  dropout: float = 0.0) -> torch.Tensor:
+        """s·B (A x), for a linear layer or an embedding lookup."""
         if self.is_embedding:  # A is (r × vocab): row lookup of Aᵀ
             hidden = F.embedding(x, lora_A.T, self.base_layer.padding_idx)  # (..., r)
         else:
-            if self.dropout[name] > 0:
-                x = F.dropout(x, self.dropout[name], self.training)
+            if dropout > 0:
+                x = F.dropout(x, dropout, self.training)
             hidden = F.linear(x.to(lora_A.dtype), lora_A)  # (..., in) -> (..., r)
         # scale the narrow (..., r) hidden, not the wide output: one small multiply instead of a big one
-        return F.linear(hidden * self.scaling[name], lora_B)  # (..., r) -> (..., out)
+        return F.linear(hidden * scale, lora_B)  # (..., r) -> (..., out)
 
-    def _forward_per_example(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self._low_rank(x, self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name])
+
+    def _svd_init_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        init_A, init_B = (t.to(x.device) for t in self.svd_init_state[name])
+        dtype = x.dtype if x.is_floating_point() else init_A.dtype
+        return self._low_rank(x, init_A.to(dtype), init_B.to(dtype), self.scaling[name])
+
+    def _forward_per_example(self, x: torch.Tensor) -> torch.Tensor:
         """Each example of the batch uses its own adapter ("__base__": none)."""
         if self._merged:
             raise DeltatuneError("Per-example adapters need unmerged weights; call unmerge_adapter() first.")
         names = list(self.batch_adapter_names)
         if len(names) != x.shape[0]:
             raise DeltatuneError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} examples.")
-        out = out.clone()
+        if any(n in self.biases for n in names):
+            raise DeltatuneError("Per-example adapter choice is not available for adapters that train biases.")
+        out = self.base_layer(x).clone()
         for name in dict.fromkeys(names):
-            if name not in self.lora_A:
-                continue
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            out[rows] = out[rows] + self._lora(x[rows], name).to(out.dtype)
+            if name in self.lora_A:
+                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+                out[rows] = out[rows] + self._lora(x[rows], name).to(out.dtype)
+        for name in self.svd_init_state:
+            rows = torch.tensor([i for i, n in enumerate(names) if n != name], device=x.device, dtype=torch.long)
+            if rows.numel():
+                out[rows] = out[rows] + self._svd_init_term(x[rows], name).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
@@ -434,16 +499,21 @@ class FusedLoRALinear(torch.autograd.Function):
             d_A = d_hidden.T @ dropped  # (r, in)
         if ctx.needs_input_grad[4]:
             d_B = (g.T @ hidden).mul_(ctx.scale)  # (out, r)
-        return d_x, None, None, d_A, d_B, None, None
+        d_bias = g.sum(dim=0) if ctx.needs_input_grad[2] else None  # an adapter's own trained bias
+        return d_x, None, d_bias, d_A, d_B, None, None
+
 
 
 class TrainedBias(DeltaModule):
-    """bias="all": the bias of a module that LoRA does not wrap trains in place."""
+    """bias="all": a module that LoRA does not wrap trains its bias — as a copy per adapter, so
+    the original stays for ``disabled()`` and for the other adapters."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.names: list[str] = []
+        self.biases = nn.ParameterDict()
+        self.store = WeightStore(base_layer, shared=True)
+        self._merged: list[str] = []
 
     def __getattr__(self, attr: str) -> Any:
         try:
@@ -452,34 +522,71 @@ class TrainedBias(DeltaModule):
             return getattr(self._modules["base_layer"], attr)
 
     def add_adapter(self, name: str) -> None:
-        self.names.append(name)
+        self.biases[name] = nn.Parameter(self.base_layer.bias.detach().clone())
         self.active_adapters = self.active_adapters or (name,)
 
     def adapter_names(self) -> list[str]:
-        return list(self.names)
+        return list(self.biases.keys())
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        return {"bias": self.base_layer.bias}
+        return {"bias": self.biases[name]}
 
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return {"bias": self.base_layer.bias.detach()}
+    def peft_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"bias": tensors["bias"]}
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
-        check_shapes(where, {"bias": self.base_layer.bias.shape}, state)
+        check_shapes(where, {"bias": self.biases[name].shape}, state)
         with torch.no_grad():
-            self.base_layer.bias.copy_(state["bias"])
+            self.biases[name].copy_(state["bias"])
 
     def delete_adapter(self, name: str) -> None:
-        self.names.remove(name)
+        if name in self._merged:
+            raise DeltatuneError(f"Adapter {name!r} is merged; unmerge it before deleting it.")
+        del self.biases[name]
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        return tuple(self._merged)
 
     def merge(self, names: Iterable[str]) -> None:
-        pass  # the bias is trained in place: it is always merged
+        names = [n for n in names if n in self.biases]
+        if names:
+            self.store.write_bias(self.biases[names[-1]])
+            self._merged = names
+
+    def unmerge(self) -> None:
+        self.store.restore_bias()
+        self._merged = []
 
     def unload(self) -> nn.Module:
         return self.base_layer
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_layer(*args, **kwargs)
+        if self.batch_adapter_names is not None:
+            raise DeltatuneError("Per-example adapter choice is not available for adapters that train biases.")
+        running = [n for n in self.active_adapters if n not in self._merged]
+        if not running or self._merged:
+            return self.base_layer(*args, **kwargs)
+        return functional_call(self.base_layer, {"bias": self.biases[running[-1]]}, args, kwargs)
 
 
-from deltatune.methods.trained_copy import inject_trained_copies  # noqa: E402  (cycle-free: leaf module)
+def inject_trained_biases(model: nn.Module, adapter_name: str) -> list[str]:
+    """bias="all": every bias outside LoRA's own layers trains, as adapter ``adapter_name``'s copy."""
+    paths, inside = [], []
+    for path, module in list(model.named_modules()):
+        if not path or any(path.startswith(prefix) for prefix in inside):
+            continue  # the root, or a module a delta already wraps (LoRA trains its layers' biases itself)
+        if isinstance(module, DeltaModule):
+            inside.append(path + ".")
+            if isinstance(module, TrainedBias):
+                module.add_adapter(adapter_name)
+                paths.append(path)
+            continue
+        if isinstance(getattr(module, "bias", None), nn.Parameter):
+            wrapper = TrainedBias(module)
+            model.set_submodule(path, wrapper)
+            wrapper.add_adapter(adapter_name)
+            inside.append(path + ".")
+            paths.append(path)
+    return paths

@@ -41,10 +41,11 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.protocol import check_shapes
+from deltatune.methods.protocol import Capabilities, Method, check_shapes
 from deltatune.data import bos_ids
 from deltatune.methods.virtual_tokens import SequenceDelta, attached_module, check_context, prepend_virtual_tokens
 
@@ -57,7 +58,7 @@ PEFT_KEYS = {"peft_type", "num_virtual_tokens", "token_dim", "num_transformer_su
 
 
 @dataclass(frozen=True)
-class PTuning:
+class PTuning(Method):
     """A prompt encoder whose output fills the template's ``{prompt:N}`` slots (or is prepended)."""
 
     num_virtual_tokens: int | None = None  # default: the template's total N, or 20 without a template
@@ -106,6 +107,9 @@ class PTuning:
 
     def parts(self) -> list[tuple[str, Any]]:
         return template_parts(self.template or f"{{prompt:{self.num_virtual_tokens}}}{{text}}")
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(equals_base_at_init=False)
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
         module = attached_module(model, PromptEncoderDelta)
@@ -319,9 +323,10 @@ class PromptEncoderDelta(SequenceDelta):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return {f"encoders.{name}.{local}": p for local, p in self.encoders[name].named_parameters()}
 
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+    def peft_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        own = {local: tensors[f"encoders.{name}.{local}"] for local, _ in self.encoders[name].named_parameters()}
         with torch.no_grad():  # as inference computes it (the LSTM's no-grad kernel differs by ~1 ulp)
-            return {"prompt_embeddings": self.encoders[name]()}
+            return {"prompt_embeddings": functional_call(self.encoders[name], own, ())}
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
         """peft's file holds the encoder's output only: the adapter becomes that fixed table."""

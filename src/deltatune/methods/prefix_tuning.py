@@ -44,17 +44,18 @@ freshly initialised head: an empty ``modules_to_save`` means the model's ``class
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.prefix_injection import (DecoderPrefix, EncoderPrefix, KeyValues, PrefixLayer, model_kind,
                                                 self_attention_modules)
-from deltatune.methods.protocol import check_shapes
+from deltatune.methods.protocol import Capabilities, Method, check_shapes
 from deltatune.methods.trained_copy import inject_trained_copies
 from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, batch_and_length, cached_length,
                                               check_context, shift_positions,
@@ -68,7 +69,7 @@ TENSOR_NAMES = {"decoder": "prompt_embeddings", "encoder": "encoder_prompt_embed
 
 
 @dataclass(frozen=True)
-class PrefixTuning:
+class PrefixTuning(Method):
     """Keys and values for ``num_virtual_tokens`` positions at every layer, trained through an MLP.
 
     ``encoder_prefix`` / ``cross_prefix`` add the encoder and cross-attention prefixes of an
@@ -93,6 +94,9 @@ class PrefixTuning:
         if not (isinstance(self.projection_hidden_size, int) and self.projection_hidden_size > 0):
             raise DeltatuneError(f"projection_hidden_size must be a positive integer, "
                                  f"got {self.projection_hidden_size!r}.")
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(equals_base_at_init=False)
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
         layouts = self.layouts(model)
@@ -236,6 +240,15 @@ class PrefixTables(nn.Module):
         embedding = self.embeddings[name]
         return self.projections[name](embedding) if name in self.projections else embedding
 
+    def table_from(self, name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``table(name)`` computed from given values of ``parameters_of(name)`` (a gathered copy)."""
+        embedding = tensors[f"embeddings.{name}"]
+        if name not in self.projections:
+            return embedding
+        prefix = f"projections.{name}."
+        weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return functional_call(self.projections[name], weights, (embedding,))
+
     def fold(self, name: str) -> None:
         """Replace the MLP by its output: what inference and peft need, and nothing more."""
         if name in self.projections:
@@ -330,8 +343,13 @@ class PrefixKeyValues(SequenceDelta):
             params.update({prefix + k: p for k, p in self.tables[side].parameters_of(name).items()})
         return params
 
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return {TENSOR_NAMES[side]: self.tables[side].table(name).detach() for side in self.sides(name)}
+    def peft_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = {}
+        for side in self.sides(name):
+            prefix = "" if side == "decoder" else f"tables.{side}."
+            own = {k: tensors[prefix + k] for k in self.tables[side].parameters_of(name)}
+            state[TENSOR_NAMES[side]] = self.tables[side].table_from(name, own)
+        return state
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
         self.fold(name)  # a saved adapter is the folded tables

@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.protocol import check_shapes
+from deltatune.methods.protocol import Capabilities, Method, check_shapes
 from deltatune.methods.virtual_tokens import SequenceDelta, attached_module, check_context, prepend_virtual_tokens
 
 INITS = ("random", "vocab", "text")
 
 
 @dataclass(frozen=True)
-class PromptTuning:
+class PromptTuning(Method):
     """``num_virtual_tokens`` trainable input embeddings; ``init_text`` is used when init="text"."""
 
     num_virtual_tokens: int = 20
@@ -44,6 +44,9 @@ class PromptTuning:
             raise DeltatuneError(f"Prompt init must be one of {', '.join(INITS)}, got {self.init!r}.")
         if self.init == "text" and not self.init_text:
             raise DeltatuneError('init="text" needs init_text, e.g. init_text="Classify the sentiment:".')
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(equals_base_at_init=False)
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
         module = attached_module(model, SoftPrompt)
@@ -115,8 +118,8 @@ class SoftPrompt(SequenceDelta):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return {f"prompts.{name}": self.prompts[name]}
 
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.prompts[name].detach()}
+    def peft_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": tensors[f"prompts.{name}"]}
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
         check_shapes(where, {"prompt_embeddings": self.prompts[name].shape}, state)

@@ -1,46 +1,96 @@
 """The protocol every tuning method speaks, and nothing more.
 
-A *method* is a flat, frozen dataclass (its hyper-parameters) that can put itself into any
-``torch.nn.Module``. Everything it puts there is a :class:`DeltaModule`: a module that owns
-its parameters structurally (they live on it, keyed by adapter name), can hand them out in
-the peft on-disk layout, and can be switched off. The wrapper, the trainer, saving and the
-CLI speak only this protocol; none of them ever asks which method it is talking to.
+A *method* is a flat, frozen dataclass (its hyper-parameters) deriving from :class:`Method`.
+It can put itself into any ``torch.nn.Module``; everything it puts there is a
+:class:`DeltaModule`: a module that owns its parameters structurally (they live on it, or it
+names the base parameters it trains, keyed by adapter name), can hand them out in the peft
+on-disk layout, and can be switched off. The wrapper, the trainer, saving and the CLI speak
+only this protocol; none of them ever asks which method it is talking to.
 
-    Method.inject(model, adapter_name)        put the delta into the model
+    Method.inject(model, adapter_name)         put the delta into the model
     Method.peft_config(model) / from_peft_config(config)   adapter_config.json both ways
-    DeltaModule.adapter_parameters(name)      the parameters that belong to one adapter
-    DeltaModule.adapter_state(name)           tensors in peft's key layout (local part)
-    DeltaModule.load_adapter_state(name, sd)  the inverse, with shape checks
-    DeltaModule.set_active(names)             () disables; several names stack
-    DeltaModule.merge(names) / unmerge()      fold into the base weight, where possible
-    DeltaModule.unload()                      the plain module to put back in its place
+    Method.capabilities()                      which invariants it honours (see Capabilities)
+    Method.artifact                            what training writes: "adapter" or "model"
+    Method.encode_prompt(tokenizer, text)      how a prompt becomes ids (templates place slots)
+    Method.peft_incompatibility(model)         why peft cannot load the adapter, or None
+    Method.describe()                          the settings, as plain data
+
+    DeltaModule.adapter_parameters(name)       the parameters that belong to one adapter
+    DeltaModule.peft_state(name, tensors)      those tensors (live or gathered) in peft's layout
+    DeltaModule.adapter_state(name)            peft_state of the live parameters
+    DeltaModule.load_adapter_state(name, sd)   the inverse, with shape checks
+    DeltaModule.set_active(names)              () disables; several names stack
+    DeltaModule.merge(names) / unmerge()       fold into the base weight, where possible
+    DeltaModule.unload()                       the plain module to put back in its place
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable, Protocol, Sequence, runtime_checkable
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from deltatune.data import encode_prompt
 from deltatune.errors import DeltatuneError
+from deltatune.plain_data import plain_data
+
+ARTIFACTS = ("adapter", "model")  # a peft adapter folder, or a whole transformers model folder
 
 
-@runtime_checkable
-class Method(Protocol):
-    """A tuning method's configuration; see the module docstring."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method promises; the contract suite checks each promise, or the refusal instead.
+
+    equals_base_at_init   the wrapped model's outputs equal the base model's before training
+    reversible            ``disabled()`` gives the base model exactly; when False it refuses
+                          with one sentence instead (the base weights were changed in place)
+    mergeable             folds into the base weights: merged = unmerged = unloaded outputs
+    per_example_adapters  ``adapter_names=[...]`` picks an adapter per example of one batch
+    """
+
+    equals_base_at_init: bool = True
+    reversible: bool = True
+    mergeable: bool = False
+    per_example_adapters: bool = False
+
+
+class Method:
+    """Base of every method's config dataclass: the protocol, with defaults that fit most."""
 
     peft_type: ClassVar[str]
+    cli_name: ClassVar[str]
+    artifact: ClassVar[str] = "adapter"
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
         """Add adapter ``adapter_name`` to ``model`` in place; return the module paths touched."""
+        raise NotImplementedError
 
     def peft_config(self, model: nn.Module) -> dict[str, Any]:
         """The adapter_config.json written beside the adapter's tensors."""
+        raise NotImplementedError
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> "Method":
         """Rebuild the method from an adapter_config.json (unknown keys: warn and ignore)."""
+        raise NotImplementedError
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    def encode_prompt(self, tokenizer: Any, text: str) -> list[int]:
+        """[BOS] + the prompt's tokens; methods that place virtual tokens in the text override it."""
+        return encode_prompt(tokenizer, text)
+
+    def peft_incompatibility(self, model: nn.Module) -> str | None:
+        """Why peft cannot load what this method saves for ``model``; None when it can."""
+        return self.peft_config(model).get("deltatune_peft_incompatible")
+
+    def describe(self) -> dict[str, Any]:
+        """Every setting as plain data (JSON/YAML ready); ``type(self)(**describe())`` rebuilds it."""
+        return plain_data({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
 class DeltaModule(nn.Module):
@@ -49,6 +99,8 @@ class DeltaModule(nn.Module):
     Subclasses keep each adapter's parameters in containers keyed by adapter name, so
     ``adapter_parameters(name)`` is a lookup, never a search by substring.
     """
+
+    peft_key_prefix: ClassVar[str | None] = None  # None: tensors sit under the module's path; "": at the root
 
     def __init__(self) -> None:
         super().__init__()
@@ -63,7 +115,10 @@ class DeltaModule(nn.Module):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         raise NotImplementedError
 
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+    def peft_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft's tensors for adapter ``name`` computed from ``tensors``, which holds a value for
+        every key of ``adapter_parameters(name)``: the live parameters, or a gathered copy of them
+        (sharded training saves from a state dict, not from the module)."""
         raise NotImplementedError
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
@@ -72,10 +127,15 @@ class DeltaModule(nn.Module):
     def delete_adapter(self, name: str) -> None:
         raise NotImplementedError
 
-    def unload(self) -> nn.Module:
+    def unload(self) -> nn.Module | None:
         raise NotImplementedError
 
     # --- defaults that fit most methods -------------------------------------------------
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """peft's tensors for adapter ``name`` from the live parameters."""
+        with torch.no_grad():
+            return self.peft_state(name, {k: p.detach() for k, p in self.adapter_parameters(name).items()})
+
     def set_active(self, names: Iterable[str]) -> None:
         self.active_adapters = tuple(n for n in names if n in self.adapter_names())
 
@@ -103,3 +163,13 @@ def check_shapes(where: str, expected: dict[str, torch.Size], state: dict[str, t
                 f"Adapter tensor '{where}.{key}' has shape {tuple(state[key].shape)} but the base model needs "
                 f"{tuple(shape)}; the adapter was made for another model — load it on the base model it was trained on."
             )
+
+
+def shared_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of parameters held by more than one module (tied embeddings and output heads)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}

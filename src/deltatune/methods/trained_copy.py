@@ -8,7 +8,7 @@ under the module's own path (``base_model.model.score.weight``).
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -35,8 +35,10 @@ class TrainedCopy(DeltaModule):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return dict(self.copies[name].named_parameters())
 
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.copies[name].state_dict().items()}
+    def peft_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = {k: v.detach() for k, v in self.copies[name].state_dict().items()}  # buffers too
+        state.update(tensors)
+        return state
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
         own = self.copies[name].state_dict()
