@@ -11,10 +11,11 @@ Reported figures are MEDIANS over rounds of PER-ROUND RATIOS (and medians of raw
 
 What is measured
 - step time: zero_grad + forward (with labels, so the HF loss) + backward + AdamW.step, fp32.
-- training memory, CPU: a deterministic count for one step = parameter bytes + gradient bytes
-  + AdamW state bytes + bytes of the tensors autograd saves for backward (each storage once,
-  storages of parameters excluded). It is not the process RSS.
-  CUDA: torch.cuda.max_memory_allocated over one step with only that model resident.
+- training memory, CPU: deltatune.memory.measure_training_step, a deterministic count for one
+  step = parameter bytes + gradient bytes + AdamW state bytes + bytes of the tensors autograd
+  saves for backward (each storage once, storages of parameters excluded). It is not the
+  process RSS. CUDA: torch.cuda.max_memory_allocated over one step with only that model
+  resident (deltatune.memory.PeakMemory).
 - inference: eval-mode forward (no KV cache) of the merged model (dt.merge of the trained
   all-linear / q,v adapter) vs the untouched base model, and the unmerged wrapped model.
 """
@@ -40,13 +41,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 import deltatune as dt
+from deltatune.memory import PeakMemory, measure_training_step
 
 try:
     import peft
 except ImportError:  # a benchmark against peft needs peft
     sys.exit("This benchmark compares against peft; install it with: pip install -e '.[bench]'")
 
-STORIES = Path("/work/shared/models/stories260K")
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"  # ../shared next to the repository
 TARGETS = {"all-linear": "all-linear", "q,v": ["q_proj", "v_proj"]}
 RANK, ALPHA, LR, SEED = 8, 16, 1e-4, 0
 DROPOUT = 0.0  # set by --dropout
@@ -98,8 +100,11 @@ class Trainee:
 
     def step(self, ids: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.model(input_ids=ids, labels=ids).loss.backward()
+        self.forward_backward(ids)
         self.optimizer.step()
+
+    def forward_backward(self, ids: torch.Tensor) -> None:
+        self.model(input_ids=ids, labels=ids).loss.backward()
 
 
 def sync(device: str) -> None:
@@ -129,44 +134,11 @@ def median_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
-# --- memory --------------------------------------------------------------------------------
-def unique_bytes(tensors) -> int:
-    storages = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
+# --- memory (counted and measured by deltatune.memory) -------------------------------------
 def cpu_training_memory(trainee: Trainee, ids: torch.Tensor) -> dict[str, int]:
     """Deterministic byte count for one step: params + grads + optimizer state + saved activations."""
-    params = list(dict.fromkeys(trainee.model.parameters()))
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensors without a plain storage: not counted
-            return t
-        if storage.data_ptr() not in param_ptrs:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    trainee.optimizer.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = trainee.model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    trainee.optimizer.step()
-    state = [v for s in trainee.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    figures = {
-        "params": unique_bytes(params),
-        "grads": unique_bytes(p.grad for p in params if p.grad is not None),
-        "optimizer": unique_bytes(state),
-        "activations": sum(saved.values()),
-    }
-    figures["total"] = sum(figures.values())
-    return figures
+    breakdown = measure_training_step(trainee.model, trainee.optimizer, lambda: trainee.forward_backward(ids))
+    return breakdown.to_dict()
 
 
 def cuda_training_memory(kind: str, spec: ModelSpec, targets, ids: torch.Tensor, device: str) -> dict[str, int]:
@@ -177,10 +149,10 @@ def cuda_training_memory(kind: str, spec: ModelSpec, targets, ids: torch.Tensor,
     trainee = Trainee(make_variant(kind, spec, targets, device))
     trainee.step(ids)  # AdamW state now exists
     sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    peak_memory = PeakMemory(device)  # resets the peak
     trainee.step(ids)
     sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
+    peak = peak_memory.peak_bytes() - before
     del trainee
     gc.collect()
     torch.cuda.empty_cache()
@@ -304,8 +276,8 @@ def memory_breakdown(rows: list[dict]) -> str:
             label = "full FT" if kind == "full" else f"{kind} {r['targets']}"
             entries[(r["model"], label)] = r["memory_bytes"][kind]
     for (model, label), m in entries.items():
-        lines.append(f"| {model} | {label} | {mib(m['params'])} | {mib(m['grads'])} | "
-                     f"{mib(m['optimizer'])} | {mib(m['activations'])} | {mib(m['total'])} |")
+        lines.append(f"| {model} | {label} | {mib(m['parameters'])} | {mib(m['gradients'])} | "
+                     f"{mib(m['optimizer_state'])} | {mib(m['activations'])} | {mib(m['total'])} |")
     return "\n".join(lines)
 
 
