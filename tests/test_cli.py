@@ -13,6 +13,7 @@ import torch
 
 import deltatune as dt
 from deltatune.cli import main
+from deltatune.config import build_run, merge_settings, read_yaml
 from deltatune.generation import encode_prompt
 from deltatune.pretrained import bundled, load_causal_lm, load_tokenizer
 
@@ -93,6 +94,21 @@ def test_yaml_config_and_overrides(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 3
 
 
+def test_sectioned_config_with_dotted_overrides_writes_a_record_that_reads_back(tmp_path):
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": "Once upon a time there was a cat."}] * 8)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {MODEL}\ndata: {data}\nmethod: {{name: lora, rank: 2, targets: [q_proj]}}\n"
+                      "train: {max_steps: 1, batch_size: 2, learning_rate: 1e-3}\n")
+    output = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--output", str(output), "--quiet",
+                 "method.rank=3", "train.max_steps=2"]) == 0
+    assert json.loads((output / "adapter_config.json").read_text())["r"] == 3
+    record = output / "deltatune_run.yaml"
+    run = build_run(merge_settings(read_yaml(record)))  # as `deltatune train --config record` reads it
+    assert (run.method.rank, run.train.max_steps, run.output) == (3, 2, str(output))
+    assert run.to_yaml() == record.read_text(encoding="utf-8")
+
+
 # --- errors: one line, exit 1, no traceback ------------------------------------------------
 def run_error(argv: list[str], capsys) -> str:
     code = main(argv)
@@ -130,6 +146,14 @@ def test_target_that_matches_nothing(tmp_path, capsys):
 def test_unknown_setting_lists_valid_keys(tmp_path, capsys):
     err = run_error(["train", "--model", MODEL, "--data", "d", "--output", str(tmp_path), "rnak=4"], capsys)
     assert "rnak" in err and "rank" in err
+
+
+def test_config_listing_several_methods_is_refused_by_train(tmp_path, capsys):
+    config = tmp_path / "compare.yaml"
+    config.write_text("methods: [{name: lora, rank: 8}, {name: prefix, num_virtual_tokens: 20}]\n")
+    err = run_error(["train", "--config", str(config), "--model", MODEL, "--data", "d", "--output", str(tmp_path)],
+                    capsys)
+    assert "2 methods (lora, prefix)" in err
 
 
 def test_adapter_for_another_model(tmp_path, capsys):

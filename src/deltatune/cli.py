@@ -15,15 +15,14 @@ from typing import Any, Sequence
 from deltatune.errors import DeltatuneError
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from deltatune.config import build_run, parse_overrides, read_yaml
+    from deltatune.config import build_run, merge_settings, parse_overrides, read_yaml
     from deltatune.runner import run_training
 
-    settings = read_yaml(args.config) if args.config else {}
     flags = {"model": args.model, "data": args.data, "eval_data": args.eval_data, "method": args.method,
              "output": args.output, "max_steps": args.max_steps}
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    settings.update(parse_overrides(args.overrides))
-    run = build_run(settings)
+    run = build_run(merge_settings(read_yaml(args.config) if args.config else {},
+                                   {k: v for k, v in flags.items() if v is not None},
+                                   parse_overrides(args.overrides)))
     result = run_training(run, resume=args.resume, progress=not args.quiet)
     summary = {"output": run.output, "steps": result.step, "train_loss": round(result.train_loss, 4),
                "eval_loss": round(result.eval_losses[-1][1], 4) if result.eval_losses else None,

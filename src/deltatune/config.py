@@ -1,36 +1,55 @@
 """A run's settings: bundled defaults < YAML file < command-line flags < ``key=value`` overrides.
 
-Keys are flat. Run keys (model, data, output, ...) are listed below; every other key is a
-field of the training config (``learning_rate``, ``max_steps``, ...) or of the chosen method's
-config (``rank``, ``alpha``, ``targets``, ...). Values are YAML: ``targets=[q_proj,v_proj]``,
-``rank=16``, ``bf16=true``.
+The settings have three parts: run keys (``model``, ``data``, ``output``, ...) at the top level,
+a ``method`` section (``name`` and the method's fields, like ``rank``) and a ``train`` section
+(``TrainConfig``'s fields, like ``learning_rate``)::
+
+    model: path/to/model
+    data: data.jsonl
+    output: out/
+    method: {name: lora, rank: 8, alpha: 16}
+    train: {learning_rate: 2e-4, max_steps: 300}
+
+The flat form says the same: ``method: lora``, ``rank: 8``, ``learning_rate: 2e-4`` at the top
+level, each key routed to its section; so do dotted keys (``method.rank: 8``, ``train.max_steps``).
+A file may instead list several methods, ``methods: [{name: lora, rank: 8}, {name: prefix}]``,
+sharing the run keys and ``train``; an entry's own ``train:`` wins over the shared one (even over a
+later ``train.KEY=...`` override), and each method's run writes to ``output/<name>``. Values are
+YAML: ``targets=[q_proj,v_proj]``, ``rank=16``, ``bf16=true``; ``null`` means the default.
+
+``merge_settings`` turns any mix of these forms into one normalised mapping; ``build_runs``
+validates that into one ``RunConfig`` per method.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods import Method, method_class
+from deltatune.methods import METHODS, Method, method_class
 from deltatune.plain_data import plain_data
 from deltatune.train import TrainConfig
+from deltatune.validation import require_bool, require_number
 
 RUN_DEFAULTS: dict[str, Any] = {
     "model": None,
     "data": None,
+    "output": None,
     "eval_data": None,
     "eval_fraction": 0.05,
-    "method": "lora",
-    "output": None,
     "dtype": "auto",
     "trust_remote_code": False,
 }
+DEFAULT_METHOD = "lora"
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
 @dataclass(frozen=True)
@@ -45,10 +64,15 @@ class RunConfig:
     eval_fraction: float = 0.05
     dtype: str = "auto"
     trust_remote_code: bool = False
-    settings: Mapping[str, Any] = field(default_factory=dict)  # everything, as given, for the record
+
+    def as_settings(self) -> dict[str, Any]:
+        """Every setting of the run, in the normalised sectioned form ``build_run`` reads back."""
+        run_keys = {key: getattr(self, key) for key in RUN_DEFAULTS}
+        method = {"name": self.method_name, **dataclasses.asdict(self.method)}
+        return plain_data({**run_keys, "method": method, "train": dataclasses.asdict(self.train)})
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(plain_data(dict(self.settings)), sort_keys=True)
+        return yaml.safe_dump(self.as_settings(), sort_keys=False)
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -65,6 +89,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs (``rank=16``, ``train.learning_rate=1e-3``) as a mapping of YAML values."""
     settings = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -77,52 +102,224 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return settings
 
 
-def _fields(cls: type) -> dict[str, Any]:
-    return {f.name: f for f in dataclasses.fields(cls)}
+# --- layers: any mix of flat, sectioned and dotted keys -> one normalised mapping -----------
+def merge_settings(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Normalise each layer, then merge them in order: a later layer wins key by key.
+
+    The result has run keys at the top level and the sections ``method`` (``name``, the
+    method's keys and its own ``train``), ``train`` and ``methods`` (a list of method sections),
+    each present only when some layer gave it. Sections merge key by key; a ``methods`` list is
+    replaced whole. Within one layer, a key given twice (flat and in its section) with different
+    values is an error naming both.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        _merge_into(merged, normalise_settings(layer))
+    return merged
+
+
+def normalise_settings(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """One layer in the sectioned form: flat keys routed to their section, dotted keys split."""
+    normal: dict[str, Any] = {}
+    written: dict[tuple[str, ...], str] = {}  # where each value came from, for conflict messages
+    for key, value in layer.items():
+        for path, item, as_written in _routed(str(key), value):
+            _put(normal, written, path, item, as_written)
+    return normal
+
+
+def _routed(key: str, value: Any) -> Iterator[tuple[tuple[str, ...], Any, str]]:
+    """(path in the normalised mapping, value, the key as the user wrote it) for one top-level key."""
+    section, dot, rest = key.partition(".")
+    if dot:
+        if section not in ("method", "train"):
+            raise DeltatuneError(f"Setting {key!r} names no section; dotted keys start with method. or train. "
+                                 f"(like method.rank or train.learning_rate).")
+        key, value = section, {rest: value}
+    if key == "methods":
+        yield ("methods",), _method_list(value), key
+    elif key == "train":
+        for name, item in _section_mapping("train", value).items():
+            yield ("train", str(name)), item, f"train.{name}"
+    elif key == "method":
+        for path, item, as_written in _method_section(value):
+            yield ("method", *path), item, "method" if as_written == "method" else f"method.{as_written}"
+    elif key in RUN_DEFAULTS:
+        yield (key,), value, key
+    elif key in TRAIN_KEYS:
+        yield ("train", key), value, key
+    else:
+        yield ("method", key), value, key
+
+
+def _method_section(value: Any) -> Iterator[tuple[tuple[str, ...], Any, str]]:
+    """A method given as its name, or as a mapping of ``name``, its own keys and its own ``train``."""
+    if not isinstance(value, Mapping):
+        yield ("name",), value, "method"
+        return
+    for key, item in value.items():
+        section, dot, rest = str(key).partition(".")
+        if section == "train" and dot:
+            yield ("train", rest), item, str(key)
+        elif key == "train":
+            for name, train_item in _section_mapping("train", item).items():
+                yield ("train", str(name)), train_item, f"train.{name}"
+        else:
+            yield (str(key),), item, str(key)
+
+
+def _method_list(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DeltatuneError(f"methods must be a non-empty list like [{{name: lora, rank: 8}}, {{name: prefix}}], "
+                             f"got {value!r}.")
+    return [normalise_settings({"method": entry}).get("method", {}) for entry in value]
+
+
+def _section_mapping(name: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise DeltatuneError(f"{name} must be a mapping of settings like {name}: {{learning_rate: 2e-4}}, "
+                             f"got {value!r}.")
+    return value
+
+
+def _put(normal: dict[str, Any], written: dict[tuple[str, ...], str], path: tuple[str, ...], value: Any,
+         as_written: str) -> None:
+    place = normal
+    for part in path[:-1]:
+        place = place.setdefault(part, {})
+    if path in written and place[path[-1]] != value:
+        raise DeltatuneError(f"{written[path]}: {place[path[-1]]!r} and {as_written}: {value!r} set the same "
+                             f"setting to different values; keep one of them.")
+    place[path[-1]] = value
+    written[path] = as_written
+
+
+def _merge_into(merged: dict[str, Any], layer: Mapping[str, Any],
+                sections: tuple[str, ...] = ("method", "train")) -> None:
+    """Sections merge key by key (a method's own ``train`` too); every other value is replaced whole."""
+    for key, value in layer.items():
+        if key in sections and key in merged:
+            _merge_into(merged[key], value, sections=("train",) if key == "method" else ())
+        else:
+            merged[key] = copy.deepcopy(value)
+
+
+# --- validation: normalised settings -> RunConfig --------------------------------------------
+def build_runs(settings: Mapping[str, Any]) -> list[RunConfig]:
+    """One RunConfig per method; with several methods, each writes to ``output/<method name>``.
+
+    ``settings`` may be in any form ``merge_settings`` reads; bundled defaults fill the gaps.
+    A repeated method name gets a numbered folder: ``lora``, ``lora-2``.
+    """
+    merged = merge_settings(RUN_DEFAULTS, settings)
+    if "method" in merged and "methods" in merged:
+        given = ", ".join(f"method.{key}" for key in merged["method"])
+        raise DeltatuneError(f"The settings give both {given} and a methods list; put method settings inside each "
+                             f"methods entry, or use method alone.")
+    run_keys = {**RUN_DEFAULTS, **_given({key: merged[key] for key in RUN_DEFAULTS})}
+    for key in ("model", "data", "output"):
+        if not run_keys[key]:
+            raise DeltatuneError(f"No {key} given; pass --{key} PATH (or {key}: in the config file).")
+    sections = [_given(section) for section in merged.get("methods") or [merged.get("method", {})]]
+    names = [str(section.get("name", DEFAULT_METHOD)) for section in sections]
+    outputs = [run_keys["output"]] if len(sections) == 1 else [
+        str(Path(run_keys["output"]) / folder) for folder in _folders(names)]
+    shared_train = _given(merged.get("train", {}))
+    return [_build_one({**run_keys, "output": output}, shared_train, name, section)
+            for output, name, section in zip(outputs, names, sections)]
+
+
+def build_run(settings: Mapping[str, Any]) -> RunConfig:
+    """Validate settings for one method into a RunConfig; an unknown key names the valid ones."""
+    runs = build_runs(settings)
+    if len(runs) > 1:
+        names = ", ".join(run.method_name for run in runs)
+        raise DeltatuneError(f"The settings list {len(runs)} methods ({names}) but a run trains one; "
+                             f"keep one entry under methods, or use method instead.")
+    return runs[0]
+
+
+def _build_one(run_keys: Mapping[str, Any], shared_train: Mapping[str, Any], name: str,
+               section: Mapping[str, Any]) -> RunConfig:
+    """One run: the method's own ``train`` settings win over the shared ones."""
+    method_settings = {key: value for key, value in section.items() if key not in ("name", "train")}
+    eval_data, eval_fraction = run_keys["eval_data"], _coerce("eval_fraction", run_keys["eval_fraction"], 0.05)
+    return RunConfig(
+        model=str(run_keys["model"]), data=str(run_keys["data"]), output=str(run_keys["output"]),
+        method_name=name, method=_method_config(name, method_settings),
+        train=_train_config({**shared_train, **_given(section.get("train", {}))}),
+        eval_data=None if eval_data is None else str(eval_data),
+        eval_fraction=require_number("eval_fraction", eval_fraction, minimum=0, below=1),
+        dtype=str(run_keys["dtype"]),
+        trust_remote_code=require_bool("trust_remote_code", run_keys["trust_remote_code"]),
+    )
+
+
+def _train_config(settings: Mapping[str, Any]) -> TrainConfig:
+    unknown = sorted(set(settings) - set(TRAIN_KEYS))
+    if unknown and any(unknown[0] in _field_names(cls) for cls in METHODS.values()):
+        raise DeltatuneError(f"{unknown[0]!r} is a method setting, not a training one; put it under method.")
+    if unknown:
+        raise DeltatuneError(f"Unknown training setting {unknown[0]!r}; valid keys under train: "
+                             f"{', '.join(TRAIN_KEYS)}.")
+    defaults = dataclasses.asdict(TrainConfig())
+    return TrainConfig(**{key: _coerce(key, value, defaults[key]) for key, value in settings.items()})
+
+
+def _method_config(name: str, settings: Mapping[str, Any]) -> Method:
+    method_cls = method_class(name)
+    fields = {f.name: f for f in dataclasses.fields(method_cls)}
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise DeltatuneError(_unknown_method_key(unknown[0], name, sorted(fields)))
+    defaults = {key: f.default for key, f in fields.items() if f.default not in (dataclasses.MISSING, None)}
+    kwargs = {key: _coerce(key, value, defaults[key]) if key in defaults else value for key, value in settings.items()}
+    try:
+        return method_cls(**kwargs)
+    except TypeError as error:
+        raise DeltatuneError(f"Method settings are not valid: {error}.") from None
+
+
+def _unknown_method_key(key: str, name: str, method_keys: list[str]) -> str:
+    if key in TRAIN_KEYS:
+        return f"{key!r} is a training setting, not a {name} one; put it under train (shared, or this method's own)."
+    if key in RUN_DEFAULTS:
+        return f"{key!r} is a run setting, not a {name} one; put it at the top level of the settings."
+    return (f"Unknown setting {key!r} for method {name}; valid keys: {', '.join(method_keys)} (method {name}), "
+            f"{', '.join(TRAIN_KEYS)} (train), {', '.join(RUN_DEFAULTS)} (run).")
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _given(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings actually given: ``None`` (YAML ``null``) means "use the default"."""
+    return {key: value for key, value in settings.items() if value is not None}
+
+
+def _folders(names: Sequence[str]) -> list[str]:
+    seen: Counter[str] = Counter()
+    folders = []
+    for name in names:
+        seen[name] += 1
+        folders.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return folders
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Match the type of the field's default (YAML reads ``1e-4`` as text, ``3`` as an int)."""
+    if isinstance(default, bool):
+        return require_bool(key, value)
+    if not isinstance(default, (int, float)) or isinstance(value, bool):
+        return value  # not a number field, or a bool the field's own check will refuse
+    wanted = "a whole number" if isinstance(default, int) else "a number"
     try:
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
+        number = float(value)
+        if isinstance(default, int):
+            if number != int(number):
                 raise ValueError
-            return value
-        if isinstance(default, float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(default, int) and not isinstance(value, bool):
-            if float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-    except (TypeError, ValueError):
-        kind = type(default).__name__
-        raise DeltatuneError(f"Setting {key}={value!r} must be a {kind} (like {default!r}).") from None
-    return value
-
-
-def build_run(settings: Mapping[str, Any]) -> RunConfig:
-    """Validate merged settings into a RunConfig; an unknown key names the valid ones."""
-    merged = {**RUN_DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
-    method_cls = method_class(str(merged["method"]))
-    train_fields, method_fields = _fields(TrainConfig), _fields(method_cls)
-    unknown = sorted(set(merged) - set(RUN_DEFAULTS) - set(train_fields) - set(method_fields))
-    if unknown:
-        valid = sorted({*RUN_DEFAULTS, *train_fields, *method_fields})
-        raise DeltatuneError(f"Unknown setting {unknown[0]!r} for method {merged['method']}; valid keys: {', '.join(valid)}.")
-    for key in ("model", "data", "output"):
-        if not merged[key]:
-            raise DeltatuneError(f"No {key} given; pass --{key} PATH (or {key}: in the config file).")
-    train_defaults = dataclasses.asdict(TrainConfig())
-    train = TrainConfig(**{k: _coerce(k, merged[k], train_defaults[k]) for k in train_fields if k in merged})
-    method_defaults = {f.name: f.default for f in dataclasses.fields(method_cls) if f.default is not dataclasses.MISSING}
-    method_kwargs = {k: _coerce(k, merged[k], method_defaults[k]) if method_defaults.get(k) is not None else merged[k]
-                     for k in method_fields if k in merged}
-    try:
-        method = method_cls(**method_kwargs)
-    except TypeError as error:
-        raise DeltatuneError(f"Method settings are not valid: {error}.") from None
-    return RunConfig(model=str(merged["model"]), data=str(merged["data"]), output=str(merged["output"]),
-                     method_name=str(merged["method"]), method=method, train=train,
-                     eval_data=merged["eval_data"], eval_fraction=_coerce("eval_fraction", merged["eval_fraction"], 0.05),
-                     dtype=str(merged["dtype"]), trust_remote_code=bool(merged["trust_remote_code"]),
-                     settings=merged)
+            return int(number)
+        return number
+    except (TypeError, ValueError, OverflowError):
+        raise DeltatuneError(f"{key} must be {wanted} (like {default!r}), got {value!r}: fix the config") from None

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from deltatune.atomic import atomic_directory, atomic_write_text
 from deltatune.data import IGNORE_INDEX, batch_indices, collate
 from deltatune.errors import DeltatuneError
+from deltatune.validation import require_bool, require_choice, require_int, require_number, require_positive_int
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINTS_KEPT = 2
@@ -62,29 +63,20 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "max_length"):
-            _require_int(name, getattr(self, name), minimum=1)
+            require_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "seed"):
-            _require_int(name, getattr(self, name), minimum=0)
+            require_int(name, getattr(self, name), minimum=0)
         for name in ("learning_rate", "weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise DeltatuneError(f"{name} must be a number of at least 0, got {value!r}: fix the config")
+            require_number(name, getattr(self, name), minimum=0)
         if self.learning_rate == 0:
             raise DeltatuneError("learning_rate is 0, so nothing would be learned: set it above 0, e.g. 2e-4")
         if self.warmup_steps > self.max_steps:
             raise DeltatuneError(
                 f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}): lower warmup_steps"
             )
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise DeltatuneError(f"lr_schedule {self.lr_schedule!r} is unknown: use one of {', '.join(LR_SCHEDULES)}")
+        require_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("bf16", "gradient_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                raise DeltatuneError(f"{name} must be true or false, got {getattr(self, name)!r}: fix the config")
-
-
-def _require_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DeltatuneError(f"{name} must be a whole number of at least {minimum}, got {value!r}: fix the config")
+            require_bool(name, getattr(self, name))
 
 
 @dataclass
