@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForSequenceClassification,
+                          GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, LlamaForSequenceClassification, T5Config, T5ForConditionalGeneration)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -35,7 +36,41 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
     return BertForSequenceClassification(config).eval()
 
 
+def tiny_llama_classifier(seed: int = 0) -> LlamaForSequenceClassification:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, num_labels=3,
+                         pad_token_id=0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64)).eval()
+
+
+def tiny_bart(seed: int = 0) -> BartForConditionalGeneration:
+    torch.manual_seed(seed)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0)).eval()
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)).eval()
+    model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = 0  # T5's convention
+    return model
+
+
 TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+# every architecture family the contract suite runs each method on
+TINY_ARCHITECTURES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "gpt_neox": tiny_neox, "bert_cls": tiny_bert,
+                      "llama_cls": tiny_llama_classifier, "bart": tiny_bart, "t5": tiny_t5}
 
 
 def logits_of(model, input_ids):

@@ -5,35 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (BartConfig, BartForConditionalGeneration, GPTNeoXConfig, GPTNeoXForCausalLM, T5Config,
-                          T5ForConditionalGeneration)
 
 import deltatune as dt
 from deltatune.methods.lora import LoRALayer
 from deltatune.targets import DEFAULT_TARGETS
 
+from conftest import tiny_bart, tiny_neox, tiny_t5
 from test_lora import randomize
-
-
-def tiny_bart():
-    torch.manual_seed(0)
-    return BartForConditionalGeneration(BartConfig(
-        vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        dropout=0.0, attention_dropout=0.0)).eval()
-
-
-def tiny_t5():
-    torch.manual_seed(0)
-    return T5ForConditionalGeneration(T5Config(
-        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)).eval()
-
-
-def tiny_neox():
-    torch.manual_seed(0)
-    return GPTNeoXForCausalLM(GPTNeoXConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64)).eval()
 
 
 MODELS = {"bart": tiny_bart, "t5": tiny_t5, "gpt_neox": tiny_neox}

@@ -10,30 +10,13 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification
 
 import deltatune as dt
 from deltatune.methods.prefix_tuning import AttentionLayout
 
-from conftest import tiny_bert
-from test_architectures import tiny_bart
+from conftest import tiny_bart, tiny_bert, tiny_llama_classifier, tiny_t5
 from test_prompt_learning import ids, shrink
-
-
-def tiny_t5():
-    from test_architectures import tiny_t5 as build
-
-    model = build()
-    model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = 0  # T5's convention
-    return model
-
-
-def tiny_llama_classifier(seed: int = 0) -> LlamaForSequenceClassification:
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, num_labels=3,
-                         pad_token_id=0)
-    return LlamaForSequenceClassification(config).eval()
 
 
 SEQ2SEQ = {"bart": tiny_bart, "t5": tiny_t5}
@@ -298,7 +281,7 @@ EXPECTED_FILES = {
                                              "and cross_prompt_embeddings"}),
     "t5": ({"prompt_embeddings", "encoder_prompt_embeddings", "cross_prompt_embeddings"},
            {"deltatune_encoder_prefix": True, "deltatune_cross_prefix": True, "num_transformer_submodules": 2}),
-    "bert": ({"encoder_prompt_embeddings", "base_model.model.classifier.weight", "base_model.model.classifier.bias"},
+    "bert": ({"encoder_prompt_embeddings", "base_model.classifier.weight", "base_model.classifier.bias"},
              {"deltatune_encoder_prefix": True, "num_transformer_submodules": 1, "modules_to_save": ["classifier"],
               "deltatune_peft_incompatible": "its prefix is an encoder-only model's encoder prefix "
                                              "(encoder_prompt_embeddings), which peft does not read"}),

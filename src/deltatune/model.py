@@ -57,6 +57,7 @@ class DeltaModel(nn.Module):
         if any(m.merged_adapters for _, m in self.delta_modules()):
             raise DeltatuneError("Cannot add an adapter while others are merged; call unmerge_adapter() first.")
         method.inject(self.base_model, name)
+        self.train(self.base_model.training)  # new modules follow the model's mode: no dropout in an eval model
         self.methods[name] = method
         self.set_adapter(name)
 

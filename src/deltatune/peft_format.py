@@ -19,7 +19,7 @@ from torch import nn
 
 from deltatune.atomic import atomic_file, atomic_write_text
 from deltatune.errors import DeltatuneError
-from deltatune.methods import DeltaModule, method_class, method_from_peft_config
+from deltatune.methods import DeltaModule, Method, method_class, method_from_peft_config
 from deltatune.model import DeltaModel, wrap
 
 CONFIG_NAME = "adapter_config.json"
@@ -68,14 +68,16 @@ def adapter_state_dict(model: DeltaModel, adapter_name: str,
             with torch.no_grad():
                 tensors = module.peft_state(adapter_name, own)
         for local, tensor in tensors.items():
-            state[key_prefix(path, module) + local] = tensor.detach().to("cpu").contiguous().clone()
+            state[key_prefix(path, module, model.methods[adapter_name]) + local] = tensor.detach().to("cpu").contiguous().clone()
     return state
 
 
-def key_prefix(path: str, module: DeltaModule) -> str:
-    """Where a module's tensors sit in the file: under its path, or at the root (prompt methods)."""
+def key_prefix(path: str, module: DeltaModule, method: Method) -> str:
+    """Where a module's tensors sit in the file: under its path below the method's root
+    (``base_model.model.`` for LoRA, ``base_model.`` for prompt methods' trained heads, as peft
+    wraps the model one level less there), or at the file's root (soft prompts, prefix tables)."""
     prefix = module.peft_key_prefix
-    return f"{KEY_PREFIX}{path}." if prefix is None else prefix
+    return f"{method.peft_module_root}{path}." if prefix is None else prefix
 
 
 def adapter_config(model: DeltaModel, adapter_name: str) -> dict[str, Any]:
@@ -199,12 +201,14 @@ def load_training_state(model: DeltaModel, adapter_name: str, tensors: dict[str,
 def load_adapter_tensors(model: DeltaModel, adapter_name: str, tensors: dict[str, torch.Tensor],
                          made_for: str | None = None) -> None:
     """Hand each tensor to the module whose key it is; a tensor nobody expects is an error."""
-    owners = [(key_prefix(path, module), module) for path, module in model.delta_modules()
+    owners = [(key_prefix(path, module, model.methods[adapter_name]), module) for path, module in model.delta_modules()
               if adapter_name in module.adapter_names()]
     owner_of = {prefix + local: (prefix, module) for prefix, module in owners
                 for local in module.adapter_state(adapter_name)}
     by_owner: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix, _ in owners}
     for key, tensor in tensors.items():
+        if key not in owner_of and key.startswith(KEY_PREFIX):  # deltatune 0.1 wrote prompt methods' heads so
+            key = "base_model." + key[len(KEY_PREFIX):]
         if key not in owner_of:
             hint = f" (it was made for {made_for})" if made_for else ""
             raise DeltatuneError(f"Adapter tensor {key!r} has no matching module in this base model{hint}; "

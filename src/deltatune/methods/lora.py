@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base_weight import WeightStore, layer_sizes, read_weight, stored_transposed
 from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes, shared_parameter_ids
-from deltatune.methods.trained_copy import inject_trained_copies
+from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.targets import ALL_LINEAR, Targets, find_targets, pattern_value, resolve_targets, target_names_for_config
 
 INITS = ("kaiming", "gaussian", "pissa")
@@ -45,6 +45,7 @@ NO_EFFECT_ON_LOADING = ("peft_type", "task_type", "base_model_name_or_path", "fa
                         "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
                         "qalora_group_size", "monteclora_config", "ensure_weight_tying")
 BIASES = ("none", "all", "lora_only")
+BIAS_KEY = "base_layer.bias"  # a wrapped layer's trained bias, under peft's key
 
 
 # --- the math, as pure functions -----------------------------------------------------------
@@ -120,10 +121,13 @@ class LoRA(Method):
     # --- Method protocol -----------------------------------------------------------------
     def capabilities(self) -> Capabilities:
         # every init starts at the base model (B = 0, or PiSSA's exact split W = W_res + s·B A)
-        return Capabilities(mergeable=True, per_example_adapters=not self.modules_to_save and self.bias == "none")
+        return Capabilities(mergeable=True, per_example_adapters=True)
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
+        heads = trained_modules(model, self.modules_to_save)
         paths = find_targets(model, self.targets, LORA_LAYERS)
+        if not self.modules_to_save:  # a classifier's implicit head trains in full, so "all-linear" leaves it
+            paths = [p for p in paths if not any(p == h or p.startswith(h + ".") for h in heads)]
         shared = shared_parameter_ids(model)
         for path in paths:
             module = model.get_submodule(path)
@@ -134,10 +138,9 @@ class LoRA(Method):
                 adapter_name, rank=self.rank_for(path), alpha=self.alpha_for(path), dropout=self.dropout,
                 rslora=self.rslora, init=self.init, train_bias=self.bias != "none",
             )
+        paths += inject_trained_copies(model, heads, adapter_name)
         if self.bias == "all":
             paths += inject_trained_biases(model, adapter_name)
-        if self.modules_to_save:
-            paths += inject_trained_copies(model, self.modules_to_save, adapter_name)
         return paths
 
     def peft_config(self, model: nn.Module) -> dict[str, Any]:
@@ -155,7 +158,7 @@ class LoRA(Method):
             "bias": self.bias,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
-            "modules_to_save": list(self.modules_to_save) or None,
+            "modules_to_save": list(trained_modules(model, self.modules_to_save)) or None,
             "fan_in_fan_out": any(isinstance(m, LoRALayer) and m.transposed and not m.is_embedding for m in model.modules()),
             "init_lora_weights": True,
             "use_dora": False,
@@ -282,11 +285,13 @@ class LoRALayer(DeltaModule):
             lora_B = torch.cat([lora_B, -init_B.to(lora_B)], dim=1)
         state = {key_A: lora_A, key_B: lora_B}
         if "bias" in tensors:
-            state["bias"] = tensors["bias"]
+            state[BIAS_KEY] = tensors["bias"]
         return state
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor], where: str) -> None:
         key_A, key_B = self._keys()
+        if "bias" in state:  # deltatune 0.1 wrote a wrapped layer's bias as "bias"
+            state = {**state, BIAS_KEY: state.pop("bias")}
         if key_A in state and state[key_A].shape[0] != self.lora_A[name].shape[0]:
             self._resize(name, state[key_A].shape[0])
         expected = {key_A: self.lora_A[name].shape, key_B: self.lora_B[name].shape}
@@ -296,11 +301,11 @@ class LoRALayer(DeltaModule):
         with torch.no_grad():
             self.lora_A[name].copy_(state[key_A])
             self.lora_B[name].copy_(state[key_B])
-            if "bias" in state and self.bias is not None:
-                check_shapes(where, {"bias": self.bias.shape}, state)
+            if BIAS_KEY in state and self.bias is not None:
+                check_shapes(where, {BIAS_KEY: self.bias.shape}, state)
                 if name not in self.biases:
                     self.biases[name] = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
-                self.biases[name].copy_(state["bias"])
+                self.biases[name].copy_(state[BIAS_KEY])
 
     def _resize(self, name: str, rank: int) -> None:
         """A saved rank that differs from the config's (rank_pattern, PiSSA): keep the scale, change r."""
@@ -440,13 +445,13 @@ class LoRALayer(DeltaModule):
         names = list(self.batch_adapter_names)
         if len(names) != x.shape[0]:
             raise DeltatuneError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} examples.")
-        if any(n in self.biases for n in names):
-            raise DeltatuneError("Per-example adapter choice is not available for adapters that train biases.")
         out = self.base_layer(x).clone()
         for name in dict.fromkeys(names):
             if name in self.lora_A:
                 rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
                 out[rows] = out[rows] + self._lora(x[rows], name).to(out.dtype)
+                if name in self.biases:  # its own bias instead of the base layer's
+                    out[rows] = out[rows] + (self.biases[name] - self.bias).to(out.dtype)
         for name in self.svd_init_state:
             rows = torch.tensor([i for i, n in enumerate(names) if n != name], device=x.device, dtype=torch.long)
             if rows.numel():
@@ -564,11 +569,22 @@ class TrainedBias(DeltaModule):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.batch_adapter_names is not None:
-            raise DeltatuneError("Per-example adapter choice is not available for adapters that train biases.")
+            return self._forward_per_example(*args, **kwargs)
         running = [n for n in self.active_adapters if n not in self._merged]
         if not running or self._merged:
             return self.base_layer(*args, **kwargs)
         return functional_call(self.base_layer, {"bias": self.biases[running[-1]]}, args, kwargs)
+
+    def _forward_per_example(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Rows of the batch run with their own adapter's bias (the original for "__base__")."""
+        names = list(self.batch_adapter_names)
+        if self._merged or len(names) != x.shape[0]:
+            raise DeltatuneError("Per-example adapters need unmerged modules and one adapter name per example.")
+        out = self.base_layer(x, *args, **kwargs).clone()
+        for name in dict.fromkeys(n for n in names if n in self.biases):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            out[rows] = functional_call(self.base_layer, {"bias": self.biases[name]}, (x[rows], *args), kwargs)
+        return out
 
 
 def inject_trained_biases(model: nn.Module, adapter_name: str) -> list[str]:

@@ -47,7 +47,9 @@ from torch.nn import functional as F
 from deltatune.errors import DeltatuneError
 from deltatune.methods.protocol import Capabilities, Method, check_shapes
 from deltatune.data import bos_ids
-from deltatune.methods.virtual_tokens import SequenceDelta, attached_module, check_context, prepend_virtual_tokens
+from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
+from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, check_context, check_not_encoder_decoder,
+                                              prepend_virtual_tokens)
 
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}  # ours → peft's encoder_reparameterization_type
 PEFT_KEYS = {"peft_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
@@ -67,11 +69,14 @@ class PTuning(Method):
     encoder_num_layers: int = 2  # LSTM layers ("lstm" only)
     template: str | None = None
     verbalizer: Mapping[str, str] | None = None  # label → word
+    modules_to_save: tuple[str, ...] = ()  # trained in full; empty means a classifier's head
 
     peft_type: ClassVar[str] = "P_TUNING"
+    peft_module_root: ClassVar[str] = "base_model."  # peft wraps prompt-learning models one level less
     cli_name: ClassVar[str] = "ptuning"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
         count = self.num_virtual_tokens
         if self.template is not None:
             total = sum(value for kind, value in template_parts(self.template) if kind == "prompt")
@@ -112,13 +117,15 @@ class PTuning(Method):
         return Capabilities(equals_base_at_init=False)
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
+        check_not_encoder_decoder(model, "P-tuning")
+        check_context(model, self.num_virtual_tokens)
         module = attached_module(model, PromptEncoderDelta)
         table = model.get_input_embeddings().weight
-        check_context(model, self.num_virtual_tokens)
         encoder = PromptEncoder(torch.randn(self.num_virtual_tokens, table.shape[1]), self.encoder,
                                 self.encoder_hidden_size or table.shape[1], self.encoder_num_layers)
         module.add_adapter(adapter_name, encoder.to(table.device), self.placement == "in_template")
-        return [PromptEncoderDelta.attribute]
+        heads = trained_modules(model, self.modules_to_save)
+        return [PromptEncoderDelta.attribute] + inject_trained_copies(model, heads, adapter_name)
 
     def peft_config(self, model: nn.Module) -> dict[str, Any]:
         config = getattr(model, "config", None)
@@ -130,6 +137,7 @@ class PTuning(Method):
             "encoder_reparameterization_type": ENCODERS[self.encoder],
             "encoder_hidden_size": self.encoder_hidden_size or hidden, "encoder_num_layers": self.encoder_num_layers,
             "encoder_dropout": 0.0,
+            "modules_to_save": list(trained_modules(model, self.modules_to_save)) or None,
         }
         if self.template is not None or self.verbalizer is not None:  # plain adapters stay pristine for peft
             saved.update(deltatune_template=self.template, deltatune_verbalizer=self.verbalizer,
@@ -152,7 +160,8 @@ class PTuning(Method):
         return cls(num_virtual_tokens=int(config["num_virtual_tokens"]), encoder=kind,
                    encoder_hidden_size=config.get("encoder_hidden_size"),
                    encoder_num_layers=int(config.get("encoder_num_layers") or 2),
-                   template=config.get("deltatune_template"), verbalizer=config.get("deltatune_verbalizer"))
+                   template=config.get("deltatune_template"), verbalizer=config.get("deltatune_verbalizer"),
+                   modules_to_save=tuple(config.get("modules_to_save") or ()))
 
     # --- data side: templates and label words ------------------------------------------------
     def encode_prompt(self, tokenizer: Any, text: str) -> list[int]:

@@ -53,17 +53,17 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.prefix_injection import (DecoderPrefix, EncoderPrefix, KeyValues, PrefixLayer, model_kind,
+from deltatune.methods.prefix_injection import (CallHook, DecoderPrefix, EncoderPrefix, KeyValues, PrefixLayer,
+                                                cache_parameter, model_kind,
                                                 self_attention_modules)
 from deltatune.methods.protocol import Capabilities, Method, check_shapes
-from deltatune.methods.trained_copy import inject_trained_copies
+from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, batch_and_length, cached_length,
                                               check_context, shift_positions,
                                               widen_attention_mask)
 
 __all__ = ["AttentionLayout", "PrefixKeyValues", "PrefixLayer", "PrefixTuning"]
 
-CLASSIFICATION_HEADS = ("classifier", "score", "classification_head")
 TENSOR_NAMES = {"decoder": "prompt_embeddings", "encoder": "encoder_prompt_embeddings",
                 "cross": "cross_prompt_embeddings"}
 
@@ -85,6 +85,7 @@ class PrefixTuning(Method):
     modules_to_save: tuple[str, ...] = ()
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    peft_module_root: ClassVar[str] = "base_model."  # peft wraps prompt-learning models one level less
     cli_name: ClassVar[str] = "prefix"
 
     def __post_init__(self) -> None:
@@ -103,8 +104,7 @@ class PrefixTuning(Method):
         check_context(model, self.num_virtual_tokens)
         module = attached_module(model, PrefixKeyValues)
         module.add_adapter(adapter_name, layouts, self.num_virtual_tokens, self.projection, self.projection_hidden_size)
-        heads = self.trained_modules(model)
-        return [PrefixKeyValues.attribute] + (inject_trained_copies(model, heads, adapter_name) if heads else [])
+        return [PrefixKeyValues.attribute] + inject_trained_copies(model, self.trained_modules(model), adapter_name)
 
     def layouts(self, model: nn.Module) -> dict[str, "AttentionLayout"]:
         """The prefix tables this method puts into ``model``: side → layout."""
@@ -125,11 +125,7 @@ class PrefixTuning(Method):
         return layouts
 
     def trained_modules(self, model: nn.Module) -> tuple[str, ...]:
-        if self.modules_to_save:
-            return self.modules_to_save
-        if type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
-            return tuple(name for name in CLASSIFICATION_HEADS if isinstance(getattr(model, name, None), nn.Module))
-        return ()
+        return trained_modules(model, self.modules_to_save)
 
     def peft_config(self, model: nn.Module) -> dict[str, Any]:
         layouts = self.layouts(model)
@@ -153,6 +149,9 @@ class PrefixTuning(Method):
             ignored = " and ".join(TENSOR_NAMES[side] for side in layouts if side != "decoder")
             config["deltatune_peft_incompatible"] = ("peft applies only the decoder self-attention prefix "
                                                      f"(prompt_embeddings) and silently ignores {ignored}")
+        elif type(model).__name__.endswith("ForSequenceClassification"):  # measured with peft 0.21.2
+            config["deltatune_peft_incompatible"] = ("peft's prefix tuning for sequence classification passes "
+                                                     "past_key_values, which transformers 5 classifiers do not take")
         return config
 
     @classmethod
@@ -291,6 +290,7 @@ class PrefixKeyValues(SequenceDelta):
         self.kind = "decoder"
         self._injections: list[Any] = []
         self._readonly_cache_layers: list[nn.Module] = []
+        self._training_cache: Cache | None = None  # kept after the call: a checkpointed layer recomputes with it
 
     # the decoder side under the names the decoder-only code has always had
     embeddings = property(lambda self: self.tables["decoder"].embeddings)
@@ -300,6 +300,8 @@ class PrefixKeyValues(SequenceDelta):
         self.kind = model_kind(host)
         if self.kind == "decoder":
             super().attach(host)  # the prefix rides in the host's KV cache
+            # GPT-2 hands its layers no cache under gradient checkpointing: give ours back to each attention
+            self._injections = [CallHook(m, self._cache_for_attention) for m in self_attention_modules(host, strict=False)]
             return
         if self.kind == "encoder_decoder":
             self._injections = [EncoderPrefix(host.get_encoder(), self._encoder_prefix),
@@ -382,6 +384,17 @@ class PrefixKeyValues(SequenceDelta):
         return self.tables["decoder"].key_values(name, batch), cross
 
     # --- decoder-only models: the host's own KV cache ---------------------------------------------
+    def _before(self, host: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._training_cache = None  # a new call: the last one's recompute is over
+        return super()._before(host, args, kwargs)
+
+    def _cache_for_attention(self, attention: nn.Module, call: dict) -> dict | None:
+        name = cache_parameter(attention)
+        if self._training_cache is None or call.get(name) is not None:
+            return None
+        call[name] = self._training_cache
+        return call
+
     def rewrite_call(self, host: nn.Module, name: str, call: dict) -> dict:
         count = self.embeddings[name].shape[0]
         cached = cached_length(call, self.cache_name)
@@ -393,7 +406,7 @@ class PrefixKeyValues(SequenceDelta):
         key_values = self.key_values(name, batch)
         if host.training or call.get("use_cache") is False:
             # stateless: a checkpointed layer recomputes the same keys, and nothing grows across calls
-            call[self.cache_name] = Cache(layers=[PrefixLayer(k, v) for k, v in key_values])
+            call[self.cache_name] = self._training_cache = Cache(layers=[PrefixLayer(k, v) for k, v in key_values])
             self._readonly_cache_layers = [m for m in host.modules() if isinstance(m, GradientCheckpointingLayer)]
             for layer in self._readonly_cache_layers:  # our cache only reads: safe to keep under checkpointing
                 layer._can_checkpoint_with_cache = True

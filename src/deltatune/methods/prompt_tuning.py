@@ -20,7 +20,9 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.protocol import Capabilities, Method, check_shapes
-from deltatune.methods.virtual_tokens import SequenceDelta, attached_module, check_context, prepend_virtual_tokens
+from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
+from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, check_context, check_not_encoder_decoder,
+                                              prepend_virtual_tokens)
 
 INITS = ("random", "vocab", "text")
 
@@ -33,11 +35,14 @@ class PromptTuning(Method):
     init: str = "random"
     init_text: str | None = None
     tokenizer_path: str | None = None  # where init="text" finds its tokenizer (default: the model's folder)
+    modules_to_save: tuple[str, ...] = ()  # trained in full; empty means a classifier's head
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
+    peft_module_root: ClassVar[str] = "base_model."  # peft wraps prompt-learning models one level less
     cli_name: ClassVar[str] = "prompt"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
         if not (isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0):
             raise DeltatuneError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.")
         if self.init not in INITS:
@@ -49,11 +54,13 @@ class PromptTuning(Method):
         return Capabilities(equals_base_at_init=False)
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
+        check_not_encoder_decoder(model, "Prompt tuning")
+        check_context(model, self.num_virtual_tokens)
         module = attached_module(model, SoftPrompt)
         hidden = model.get_input_embeddings().weight.shape[1]
-        check_context(model, self.num_virtual_tokens)
         module.add_adapter(adapter_name, self.initial_prompt(model, hidden))
-        return [SoftPrompt.attribute]
+        heads = trained_modules(model, self.modules_to_save)
+        return [SoftPrompt.attribute] + inject_trained_copies(model, heads, adapter_name)
 
     def initial_prompt(self, model: nn.Module, hidden: int) -> torch.Tensor:
         table = model.get_input_embeddings().weight.detach()
@@ -76,6 +83,7 @@ class PromptTuning(Method):
             "num_layers": getattr(config, "num_hidden_layers", None),
             "prompt_tuning_init": {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}[self.init],
             "prompt_tuning_init_text": self.init_text, "tokenizer_name_or_path": self.tokenizer_path,
+            "modules_to_save": list(trained_modules(model, self.modules_to_save)) or None,
         }
 
     @classmethod
@@ -84,7 +92,8 @@ class PromptTuning(Method):
             raise DeltatuneError("This prompt-tuning adapter is for an encoder–decoder model; "
                                  "deltatune's prompt tuning supports decoder-only and encoder models.")
         # the weights are loaded from the file, so the init does not matter: keep it cheap
-        return cls(num_virtual_tokens=int(config["num_virtual_tokens"]))
+        return cls(num_virtual_tokens=int(config["num_virtual_tokens"]),
+                   modules_to_save=tuple(config.get("modules_to_save") or ()))
 
 
 def text_ids(model: nn.Module, text: str, tokenizer_path: str | None) -> list[int]:

@@ -11,6 +11,7 @@ only this protocol; none of them ever asks which method it is talking to.
     Method.peft_config(model) / from_peft_config(config)   adapter_config.json both ways
     Method.capabilities()                      which invariants it honours (see Capabilities)
     Method.artifact                            what training writes: "adapter" or "model"
+    Method.peft_module_root                    where module tensors sit in peft's file
     Method.encode_prompt(tokenizer, text)      how a prompt becomes ids (templates place slots)
     Method.peft_incompatibility(model)         why peft cannot load the adapter, or None
     Method.describe()                          the settings, as plain data
@@ -63,6 +64,7 @@ class Method:
     peft_type: ClassVar[str]
     cli_name: ClassVar[str]
     artifact: ClassVar[str] = "adapter"
+    peft_module_root: ClassVar[str] = "base_model.model."  # the peft key of the model's root module
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
         """Add adapter ``adapter_name`` to ``model`` in place; return the module paths touched."""

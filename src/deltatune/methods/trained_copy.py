@@ -68,14 +68,43 @@ class TrainedCopy(DeltaModule):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.batch_adapter_names is not None:
-            raise DeltatuneError("Per-example adapter choice is not available for modules_to_save.")
+            return self._forward_per_example(*args, **kwargs)
         names = self.merged_adapters or self.active_adapters
         module = self.copies[names[-1]] if names else self.base_layer
         return module(*args, **kwargs)
 
+    def _forward_per_example(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Rows of the batch go through their own adapter's copy (the original for "__base__")."""
+        names = list(self.batch_adapter_names)
+        if self._merged or len(names) != x.shape[0]:
+            raise DeltatuneError("Per-example adapters need unmerged modules and one adapter name per example.")
+        out = None
+        for name in dict.fromkeys(names):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            part = (self.copies[name] if name in self.copies else self.base_layer)(x[rows], *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out[rows] = part
+        return out
+
+
+CLASSIFICATION_HEADS = ("classifier", "score", "classification_head")
+
+
+def trained_modules(model: nn.Module, modules_to_save: Sequence[str]) -> tuple[str, ...]:
+    """What trains in full: ``modules_to_save``, or else a classifier's freshly initialised head
+    (``classifier``, ``score`` or ``classification_head``), as peft does for SEQ_CLS."""
+    if modules_to_save:
+        return tuple(modules_to_save)
+    if type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        return tuple(name for name in CLASSIFICATION_HEADS if isinstance(getattr(model, name, None), nn.Module))
+    return ()
+
 
 def inject_trained_copies(model: nn.Module, names: Sequence[str], adapter_name: str) -> list[str]:
     """Give adapter ``adapter_name`` its own trained copy of each module matched by ``names``."""
+    if not names:
+        return []
     paths = [p for p, _ in plain_modules(model) if p and is_match(p, names)]
     paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]  # outermost match only
     if not paths:

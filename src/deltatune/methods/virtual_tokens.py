@@ -93,6 +93,12 @@ class SequenceDelta(DeltaModule):
 
 
 # --- attaching to a model ----------------------------------------------------------------
+def check_not_encoder_decoder(model: nn.Module, method: str) -> None:
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise DeltatuneError(f"{method} supports decoder-only and encoder-only models, not encoder–decoder ones "
+                             "like BART or T5; use prefix tuning (method prefix) or LoRA there.")
+
+
 def check_context(model: nn.Module, count: int) -> None:
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and count >= limit:
@@ -154,8 +160,9 @@ def shift_positions(call: dict, count: int) -> None:
 
 
 def prepend_labels(call: dict, count: int, at: int = 0) -> None:
+    """Token labels get ``count`` ignored positions; a classifier's one label per example stays."""
     labels = call.get("labels")
-    if labels is not None:
+    if labels is not None and labels.dim() == 2:
         ignore = torch.full((labels.shape[0], count), -100, dtype=labels.dtype, device=labels.device)
         call["labels"] = torch.cat([labels[:, :at], ignore, labels[:, at:]], dim=1)
 
