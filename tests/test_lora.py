@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.methods.lora import LoRALayer, lora_scale, merged_weight, svd_init
-from deltatune.methods.lora_combine import add_weighted_adapter
+from deltatune.combine import add_weighted_adapter
 
 from conftest import TINY_MODELS, logits_of, tiny_llama
 

@@ -89,7 +89,7 @@ def test_render_puts_negative_ids_at_the_slots():
     (dict(template="{prompt:2} {text}", num_virtual_tokens=3), "leave num_virtual_tokens unset"),
     (dict(encoder="gru"), "mlp, lstm"),
     (dict(verbalizer={"only": "good"}), "at least two labels"),
-    (dict(encoder_hidden_size=0), "encoder_hidden_size must be a positive integer"),
+    (dict(encoder_hidden_size=0), "encoder_hidden_size must be a whole number of at least 1"),
 ])
 def test_bad_configs_are_one_sentence_errors(kwargs, words):
     with pytest.raises(dt.DeltatuneError, match=words.replace("{", r"\{").replace("}", r"\}")):

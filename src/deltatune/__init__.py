@@ -12,7 +12,7 @@
 from deltatune.errors import DeltatuneError
 from deltatune.methods import METHODS, DeltaModule, LoRA, Method, PrefixTuning, PromptTuning, PTuning, PTuningV2
 from deltatune.model import DeltaModel, disabled, merge, trainable_parameters, wrap
-from deltatune.methods.lora_combine import add_weighted_adapter
+from deltatune.combine import add_weighted_adapter
 from deltatune.methods.p_tuning import label_loss, label_scores
 from deltatune.peft_format import load_adapter, save_adapter
 

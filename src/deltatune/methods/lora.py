@@ -29,6 +29,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.errors import DeltatuneError
+from deltatune.validation import require_bool, require_choice, require_number, require_positive_int
 from deltatune.methods.base_weight import WeightStore, layer_sizes, read_weight, stored_transposed
 from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes, shared_parameter_ids
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
@@ -101,16 +102,14 @@ class LoRA(Method):
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
-        if not (isinstance(self.rank, int) and self.rank > 0):
-            raise DeltatuneError(f"LoRA rank must be a positive integer, got {self.rank!r}.")
-        if any(not (isinstance(r, int) and r > 0) for r in self.rank_pattern.values()):
-            raise DeltatuneError(f"Every rank in rank_pattern must be a positive integer, got {self.rank_pattern!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise DeltatuneError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}.")
-        if self.init not in INITS:
-            raise DeltatuneError(f"LoRA init must be one of {', '.join(INITS)}, got {self.init!r}.")
-        if self.bias not in BIASES:
-            raise DeltatuneError(f"LoRA bias must be one of {', '.join(BIASES)}, got {self.bias!r}.")
+        require_positive_int("rank", self.rank)
+        for key, rank in self.rank_pattern.items():
+            require_positive_int(f"rank_pattern[{key!r}]", rank)
+        require_number("alpha", self.alpha, minimum=0)
+        require_number("dropout", self.dropout, minimum=0, below=1)
+        require_bool("rslora", self.rslora)
+        require_choice("init", self.init, INITS)
+        require_choice("bias", self.bias, BIASES)
 
     def rank_for(self, path: str) -> int:
         return int(pattern_value(path, self.rank_pattern, self.rank))

@@ -45,6 +45,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from deltatune.errors import DeltatuneError
+from deltatune.validation import require_choice, require_positive_int
 from deltatune.methods.protocol import Capabilities, Method, check_shapes
 from deltatune.data import bos_ids
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
@@ -88,14 +89,11 @@ class PTuning(Method):
                                      "leave num_virtual_tokens unset or make them agree.")
             count = total
         object.__setattr__(self, "num_virtual_tokens", 20 if count is None else count)
-        if not (isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0):
-            raise DeltatuneError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.")
-        if self.encoder not in ENCODERS:
-            raise DeltatuneError(f"P-tuning encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}.")
+        require_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        require_choice("encoder", self.encoder, ENCODERS)
         for name in ("encoder_hidden_size", "encoder_num_layers"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and value > 0):
-                raise DeltatuneError(f"{name} must be a positive integer, got {value!r}.")
+            if getattr(self, name) is not None:
+                require_positive_int(name, getattr(self, name))
         if self.verbalizer is not None:
             if not isinstance(self.verbalizer, Mapping) or len(self.verbalizer) < 2 or not all(
                     isinstance(word, str) and word.strip() for word in self.verbalizer.values()):

@@ -53,6 +53,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from deltatune.errors import DeltatuneError
+from deltatune.validation import require_bool, require_positive_int
 from deltatune.methods.prefix_injection import (CallHook, DecoderPrefix, EncoderPrefix, KeyValues, PrefixLayer,
                                                 cache_parameter, model_kind,
                                                 self_attention_modules)
@@ -90,11 +91,10 @@ class PrefixTuning(Method):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
-        if not (isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0):
-            raise DeltatuneError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.")
-        if not (isinstance(self.projection_hidden_size, int) and self.projection_hidden_size > 0):
-            raise DeltatuneError(f"projection_hidden_size must be a positive integer, "
-                                 f"got {self.projection_hidden_size!r}.")
+        require_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        require_positive_int("projection_hidden_size", self.projection_hidden_size)
+        for name in ("projection", "encoder_prefix", "cross_prefix"):
+            require_bool(name, getattr(self, name))
 
     def capabilities(self) -> Capabilities:
         return Capabilities(equals_base_at_init=False)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
+from deltatune.validation import require_choice, require_positive_int
 from deltatune.methods.protocol import Capabilities, Method, check_shapes
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, check_context, check_not_encoder_decoder,
@@ -43,10 +44,8 @@ class PromptTuning(Method):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
-        if not (isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0):
-            raise DeltatuneError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.")
-        if self.init not in INITS:
-            raise DeltatuneError(f"Prompt init must be one of {', '.join(INITS)}, got {self.init!r}.")
+        require_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        require_choice("init", self.init, INITS)
         if self.init == "text" and not self.init_text:
             raise DeltatuneError('init="text" needs init_text, e.g. init_text="Classify the sentiment:".')
 

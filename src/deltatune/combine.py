@@ -1,4 +1,4 @@
-"""Weighted combinations of LoRA adapters into a new adapter.
+"""Weighted combinations of LoRA adapters into a new adapter (above the wrapper: it adds one).
 
 For each wrapped layer, the combined delta is ΔW = Σᵢ wᵢ·sᵢ·Bᵢ Aᵢ (out × in, fp32).
 - ``"linear"`` stores it exactly, by stacking: A = [A₁; A₂; …], B = [w₁s₁B₁, w₂s₂B₂, …], scale 1,
@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from deltatune.errors import DeltatuneError
+from deltatune.validation import require_choice
 from deltatune.methods.lora import LoRA, LoRALayer
 from deltatune.model import DeltaModel
 
@@ -38,8 +39,7 @@ def combine_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
 def add_weighted_adapter(model: DeltaModel, adapters: Sequence[str], weights: Sequence[float], name: str,
                          combination: str = "linear", rank: int | None = None) -> None:
     """Add adapter ``name`` = Σ wᵢ·adapterᵢ (LoRA adapters only); it becomes the active adapter."""
-    if combination not in COMBINATIONS:
-        raise DeltatuneError(f"combination must be one of {', '.join(COMBINATIONS)}, got {combination!r}.")
+    require_choice("combination", combination, COMBINATIONS)
     if len(adapters) != len(weights) or not adapters:
         raise DeltatuneError("Give one weight per adapter, and at least one adapter.")
     if combination == "svd" and not (isinstance(rank, int) and rank > 0):
