@@ -305,6 +305,24 @@ def test_peft_tensors_from_a_gathered_copy_equal_the_live_ones(row, arch):
     assert all(torch.allclose(after[k], t, atol=1e-6) for k, t in adapter_state_dict(model, "default", shifted).items())
 
 
+@pytest.mark.parametrize("row", [r for r in ROWS if "llama" in ROWS[r].archs])
+def test_saving_a_gathered_copy_writes_what_saving_those_values_live_writes(row, tmp_path):
+    model = wrapped(row, "llama")
+    randomize(model)
+    gathered = {k: p.detach().clone() + 0.25 for k, p in model.adapter_parameters("default").items()}
+    dt.save_adapter(model, tmp_path / "gathered", parameters=gathered)
+    with torch.no_grad():
+        for key, param in model.adapter_parameters("default").items():
+            param.copy_(gathered[key])
+    dt.save_adapter(model, tmp_path / "live")
+    for name in ("adapter_model.safetensors", "adapter_training_state.safetensors"):
+        if (tmp_path / "live" / name).is_file():
+            from safetensors.torch import load_file
+
+            live, copy = load_file(str(tmp_path / "live" / name)), load_file(str(tmp_path / "gathered" / name))
+            assert live.keys() == copy.keys() and all(torch.allclose(live[k], copy[k], atol=1e-6) for k in live)
+
+
 @pytest.mark.parametrize("row,arch", CELLS)
 def test_gradient_checkpointing_gives_equal_gradients(row, arch):
     ids = adapted_ids(row, plain_ids())

@@ -383,3 +383,57 @@ def test_fused_path_saves_a_bool_mask_not_a_copy_of_the_input():
         layer(x).sum().backward()
     full_size = [t for t in saved if t.shape == x.shape]
     assert sorted(str(t.dtype) for t in full_size) == ["torch.bool", "torch.float32"]  # x once, and the mask
+
+
+# --- the bugs a new user found (each is also a cell of the contract suite) ---------------------
+def stories(stories_dir):
+    from deltatune.pretrained import load_causal_lm
+
+    return load_causal_lm(str(stories_dir), "float32", False).eval()
+
+
+def test_pissa_disabled_is_the_base_model_on_stories260k(stories_dir):
+    ids = torch.tensor([[1, 403, 407, 261, 378, 429, 266, 300]])
+    reference = logits_of(stories(stories_dir), ids)
+    model = dt.wrap(stories(stories_dir), dt.LoRA(rank=4, init="pissa", targets="all-linear"))
+    randomize(model)  # as after training: the residual alone would be far from the base
+    with dt.disabled(model):
+        assert torch.allclose(logits_of(model, ids), reference, atol=1e-4)  # W_res + s·B₀A₀ rounds once
+    model.delete_adapter("default")  # deleting gives W back to the base weight too
+    assert torch.allclose(logits_of(model, ids), reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_are_copies_so_disabled_and_merge_work_on_gpt2(bias, input_ids):
+    reference = logits_of(TINY_MODELS["gpt2"](), input_ids)
+    model = dt.wrap(TINY_MODELS["gpt2"](), dt.LoRA(rank=2, bias=bias))
+    randomize(model)
+    adapted = logits_of(model, input_ids)
+    with dt.disabled(model):
+        assert torch.equal(logits_of(model, input_ids), reference)
+    model.merge_adapter()
+    assert torch.allclose(logits_of(model, input_ids), adapted, atol=1e-5)
+    model.unmerge_adapter()
+    assert torch.allclose(logits_of(dt.merge(model), input_ids), adapted, atol=1e-5)
+
+
+def test_merge_then_unmerge_keeps_stories260k_ties_and_weights(stories_dir):
+    base = stories(stories_dir)
+    embedding = base.model.embed_tokens.weight
+    assert base.lm_head.weight is embedding
+    model = dt.wrap(base, dt.LoRA(rank=4, targets=["embed_tokens", "q_proj"]))
+    randomize(model)
+    model.merge_adapter()
+    assert base.lm_head.weight is embedding  # the head kept the original: only the input side changed
+    model.unmerge_adapter()
+    assert base.model.embed_tokens.weight is embedding and base.lm_head.weight is embedding  # tie restored
+
+
+def test_unmerge_with_nothing_merged_touches_no_weight():
+    base = tiny_llama(tie_word_embeddings=True)
+    model = dt.wrap(base, dt.LoRA(rank=4, targets=["embed_tokens", "lm_head", "q_proj"]))
+    before = {name: p for name, p in base.named_parameters(remove_duplicate=False)}
+    model.unmerge_adapter()
+    with dt.disabled(model):
+        pass
+    assert all(p is before[name] for name, p in base.named_parameters(remove_duplicate=False))

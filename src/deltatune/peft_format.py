@@ -90,13 +90,18 @@ def adapter_config(model: DeltaModel, adapter_name: str) -> dict[str, Any]:
     return config
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
-    """Write one adapter (default: the active one) into a peft folder, each file atomically."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None,
+                 parameters: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write one adapter (default: the active one) into a peft folder, each file atomically.
+
+    ``parameters`` (keyed as ``model.adapter_parameters(name)``) are the values to write instead
+    of the live ones: what the main process of a sharded run gathered.
+    """
     if not isinstance(model, DeltaModel):
         raise DeltatuneError("save_adapter needs a model wrapped by deltatune.wrap(...) or deltatune.load_adapter(...).")
     name = adapter_name or model.active_adapter
     model.require_adapter(name)
-    state = adapter_state_dict(model, name)
+    state = adapter_state_dict(model, name, parameters)
     config = adapter_config(model, name)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -104,7 +109,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     # present holds a complete adapter, and other files in it (a run's log) are left alone.
     with atomic_file(directory / WEIGHTS_NAME) as staging:
         save_file(state, str(staging), metadata={"format": "pt"})
-    training_state = training_state_dict(model, name)
+    training_state = training_state_dict(model, name, parameters)
     if training_state:
         with atomic_file(directory / TRAINING_STATE_NAME) as staging:
             save_file(training_state, str(staging), metadata={"format": "pt"})
@@ -116,7 +121,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     return Path(directory)
 
 
-def training_state_dict(model: DeltaModel, adapter_name: str) -> dict[str, torch.Tensor]:
+def training_state_dict(model: DeltaModel, adapter_name: str,
+                        parameters: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Every trainable tensor of the adapter, when peft's file holds less (a folded MLP, PiSSA's
     rewritten factors): what exact resumption needs. Empty when peft's tensors are the parameters."""
     params = model.adapter_parameters(adapter_name)
@@ -125,7 +131,8 @@ def training_state_dict(model: DeltaModel, adapter_name: str) -> dict[str, torch
              for t in m.adapter_state(adapter_name).values()]
     if len(saved) == len(params) and all(t.data_ptr() in pointers for t in saved):
         return {}
-    return {key: p.detach().to("cpu").contiguous().clone() for key, p in params.items()}
+    values = params if parameters is None else parameters
+    return {key: values[key].detach().to("cpu").contiguous().clone() for key in params}
 
 
 def read_adapter_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
