@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from deltatune.atomic import atomic_directory, atomic_write_text
 from deltatune.data import IGNORE_INDEX, batch_indices, collate
 from deltatune.errors import DeltatuneError
+from deltatune.memory import PeakMemory
+from deltatune.runtime import Runtime
 from deltatune.validation import require_bool, require_choice, require_int, require_number, require_positive_int
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -116,15 +118,22 @@ def train(
     save_model: Callable[[nn.Module, Path], None],
     resume: bool = False,
     progress: bool = True,
+    runtime: Runtime | None = None,
 ) -> TrainResult:
-    """Train the ``requires_grad`` parameters of ``model`` on tokenized examples."""
+    """Train the ``requires_grad`` parameters of ``model`` on tokenized examples.
+
+    ``runtime`` says where this process runs and how it talks to the others (see
+    ``deltatune.runtime``); the default, one process, changes nothing. Only the main process
+    writes metrics, checkpoints and the progress bar.
+    """
+    runtime = runtime or Runtime()
     output_dir = Path(output_dir)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise DeltatuneError("the model has no trainable parameters: attach a tuning method before training")
     if not train_examples:
         raise DeltatuneError("there are no training examples left after tokenization: add data or raise max_length")
-    device = next(model.parameters()).device
+    device = runtime.place(model)
     torch.manual_seed(config.seed)
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
@@ -144,29 +153,33 @@ def train(
     elif _checkpoints(output_dir):
         raise DeltatuneError(f"{output_dir} already holds checkpoints: pass --resume or pick a new output folder")
     metrics_path = output_dir / "metrics.jsonl"
-    _keep_metrics_up_to(metrics_path, start_step)
+    if runtime.is_main:
+        _keep_metrics_up_to(metrics_path, start_step)
+    peak_memory = PeakMemory(device) if device.type in ("cpu", "cuda") else None
 
     accumulation = config.gradient_accumulation_steps
     batches = batch_indices(len(train_examples), config.batch_size, config.seed, start_batch=start_step * accumulation)
     result = TrainResult(step=start_step, train_loss=math.nan)
     if start_step == 0 and eval_examples:  # the starting point, so every run's log shows its gain
         result.eval_losses.append((0, evaluate(model, eval_examples, config, pad_token_id)))
-        with metrics_path.open("a", encoding="utf-8") as metrics:
-            metrics.write(json.dumps({"step": 0, "eval_loss": result.eval_losses[0][1]}) + "\n")
+        if runtime.is_main:
+            with metrics_path.open("a", encoding="utf-8") as metrics:
+                metrics.write(json.dumps({"step": 0, "eval_loss": result.eval_losses[0][1]}) + "\n")
     tokens_seen, started = 0, time.perf_counter()
-    bar = tqdm(total=config.max_steps, initial=start_step, disable=not progress, desc="training")
+    bar = tqdm(total=config.max_steps, initial=start_step, disable=not (progress and runtime.is_main), desc="training")
     model.train()
     for step in range(start_step + 1, config.max_steps + 1):
-        micro_batches = [collate([train_examples[i] for i in next(batches)], pad_token_id) for _ in range(accumulation)]
+        micro_batches = [collate([train_examples[i] for i in runtime.shard(next(batches))], pad_token_id)
+                         for _ in range(accumulation)]
         learning_rate = optimizer.param_groups[0]["lr"]
-        loss = _accumulate_gradients(model, micro_batches, device, config.bf16)
+        loss = _accumulate_gradients(model, micro_batches, device, config.bf16, runtime)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
-        tokens_seen += sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
+        tokens_seen += int(runtime.all_sum(sum(int(batch["attention_mask"].sum()) for batch in micro_batches)))
         tokens_per_s = tokens_seen / (time.perf_counter() - started)
         result.step, result.train_loss, result.tokens_per_s = step, loss, tokens_per_s
         record: dict[str, Any] = {"step": step, "loss": loss, "lr": learning_rate, "tokens_per_s": tokens_per_s}
@@ -174,12 +187,14 @@ def train(
         if eval_examples and (final or (config.eval_every and step % config.eval_every == 0)):
             record["eval_loss"] = evaluate(model, eval_examples, config, pad_token_id)
             result.eval_losses.append((step, record["eval_loss"]))
-        if final or "eval_loss" in record or step % config.log_every == 0:
+        if runtime.is_main and (final or "eval_loss" in record or step % config.log_every == 0):
+            if peak_memory is not None:
+                record.update(peak_memory.as_mib())
             with metrics_path.open("a", encoding="utf-8") as metrics:
                 metrics.write(json.dumps(record) + "\n")
         if final or (config.save_every and step % config.save_every == 0):
             result.checkpoint = _save_checkpoint(
-                model, trainable, optimizer, scheduler, config, step, output_dir, save_model)
+                model, trainable, optimizer, scheduler, config, step, output_dir, save_model, runtime)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens_per_s:.0f}")
     bar.close()
@@ -205,18 +220,22 @@ def _predicted_tokens(labels: torch.Tensor) -> int:
 
 
 def _accumulate_gradients(
-    model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], device: torch.device, bf16: bool
+    model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], device: torch.device, bf16: bool,
+    runtime: Runtime,
 ) -> float:
-    """Backpropagate the step's token-mean loss through its micro-batches; return that loss."""
+    """Backpropagate the step's token-mean loss (over every process) through its micro-batches;
+    return that loss. Each micro-batch's mean loss weighs by its share of the step's predicted
+    tokens, times the number of replicas a gradient is averaged over."""
     counts = [_predicted_tokens(batch["labels"]) for batch in micro_batches]
-    total = sum(counts)
-    step_loss = 0.0
-    for batch, count in zip(micro_batches, counts):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
-        (loss * (count / total)).backward()
-        step_loss += loss.item() * count / total
-    return step_loss
+    total = max(1.0, runtime.all_sum(float(sum(counts))))
+    loss_sum = 0.0
+    for index, (batch, count) in enumerate(zip(micro_batches, counts)):
+        with runtime.accumulating(model, last=index == len(micro_batches) - 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
+            (loss * (count / total * runtime.gradient_divisor)).backward()
+        loss_sum += loss.item() * count
+    return runtime.all_sum(loss_sum) / total
 
 
 @torch.no_grad()
@@ -254,12 +273,16 @@ def _latest_checkpoint(output_dir: Path) -> Path:
     return checkpoints[-1]
 
 
-def _save_checkpoint(model, trainable, optimizer, scheduler, config, step, output_dir, save_model) -> Path:
+def _save_checkpoint(model, trainable, optimizer, scheduler, config, step, output_dir, save_model,
+                     runtime: Runtime) -> Path:
     target = output_dir / f"checkpoint-{step}"
+    weights = runtime.gather(trainable)  # every process takes part; the main one writes
+    if not runtime.is_main:
+        runtime.barrier()
+        return target
     with atomic_directory(target) as staging:
         save_model(model, staging)
-        save_file({name: p.detach().contiguous().clone() for name, p in trainable.items()},
-                  str(staging / "trainable.safetensors"))
+        save_file(weights, str(staging / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         torch.save({"cpu": torch.get_rng_state(), "cuda": cuda_rng}, staging / "rng.pt")
@@ -267,6 +290,7 @@ def _save_checkpoint(model, trainable, optimizer, scheduler, config, step, outpu
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     for old in _checkpoints(output_dir)[:-CHECKPOINTS_KEPT]:
         shutil.rmtree(old)
+    runtime.barrier()
     return target
 
 

@@ -1,0 +1,66 @@
+"""Where one training process runs, and how it talks to the others: the loop's only seam.
+
+The training loop is one loop for every method and every topology. What differs between a
+laptop, one GPU and several processes under torchrun is held here, in a small object the loop
+asks at a few fixed points:
+
+    device                    where the batches go
+    rank, world_size          which process this is, of how many
+    is_main                   whether this process writes files, logs and the progress bar
+    shard(indices)            this process's share of a micro-batch's example indices
+    all_sum(value)            a number summed over every process (token counts, losses)
+    gradient_divisor          how many replicas a gradient is averaged over (DDP divides by it)
+    accumulating(model, last) context for a micro-batch; a replica skips its gradient sync until the last
+    gather(parameters)        full tensors of the trainable parameters, for checkpoints and saving
+    barrier()                 wait for every process
+
+``Runtime()`` is the single-process default: it changes nothing. Distributed training
+subclasses it (DDP, FSDP2) and the loop stays the same loop.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Runtime:
+    """A single process on one device (the default)."""
+
+    device: torch.device | None = None  # None: wherever the model's parameters are
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def gradient_divisor(self) -> int:
+        return 1
+
+    def place(self, model: nn.Module) -> torch.device:
+        """The device batches go to; a runtime without one takes the model's."""
+        if self.device is None:
+            self.device = next(model.parameters()).device
+        return self.device
+
+    def shard(self, indices: Sequence[int]) -> Sequence[int]:
+        return indices
+
+    def all_sum(self, value: float) -> float:
+        return value
+
+    def accumulating(self, model: nn.Module, last: bool) -> AbstractContextManager:
+        return nullcontext()
+
+    def gather(self, parameters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: p.detach().contiguous().clone() for name, p in parameters.items()}
+
+    def barrier(self) -> None:
+        pass
