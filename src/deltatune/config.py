@@ -247,7 +247,7 @@ def _build_one(run_keys: Mapping[str, Any], shared_train: Mapping[str, Any], nam
     return RunConfig(
         model=str(run_keys["model"]), data=str(run_keys["data"]), output=str(run_keys["output"]),
         method_name=name, method=_method_config(name, method_settings),
-        train=_train_config({**shared_train, **_given(section.get("train", {}))}),
+        train=_train_config({**method_class(name).training_defaults, **shared_train, **_given(section.get("train", {}))}),
         eval_data=None if eval_data is None else str(eval_data),
         eval_fraction=require_number("eval_fraction", eval_fraction, minimum=0, below=1),
         dtype=str(run_keys["dtype"]),

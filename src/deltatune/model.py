@@ -122,6 +122,10 @@ class DeltaModel(nn.Module):
         unknown = sorted(set(adapter_names) - set(self.methods) - {"__base__"})
         if unknown:
             raise DeltatuneError(f"adapter_names mentions {unknown}, which this model does not have; it has {list(self.methods)}.")
+        for name, method in self.methods.items():
+            if not method.capabilities().per_example_adapters:
+                raise DeltatuneError(f"Adapter {name!r} ({method.cli_name}) cannot be chosen per example; "
+                                     "run one adapter per batch with set_adapter() instead.")
         modules = [m for _, m in self.delta_modules()]
         for module in modules:
             module.batch_adapter_names = list(adapter_names)

@@ -35,6 +35,7 @@ def run_training(run: RunConfig, resume: bool = False, progress: bool = True) ->
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / RUN_RECORD, run.to_yaml())
     result = train(model, train_tokens, eval_tokens, run.train, output, pad_token_id=pad_token_id(tokenizer),
-                   save_model=dt.save_adapter, resume=resume, progress=progress)
-    dt.save_adapter(model, output)
+                   save_model=dt.save, resume=resume, progress=progress)
+    dt.save(model, output)
+    tokenizer.save_pretrained(output)  # the folder is self-contained: `deltatune generate --model` works on a model folder
     return result

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from deltatune.errors import DeltatuneError
+from deltatune.methods.freeze import FreezeTuning
+from deltatune.methods.full import FullFineTuning
 from deltatune.methods.lora import LoRA
 from deltatune.methods.p_tuning import PTuning
 from deltatune.methods.p_tuning_v2 import PTuningV2
@@ -18,6 +20,8 @@ METHODS: dict[str, type] = {
     "ptuning": PTuning,
     "prefix": PrefixTuning,
     "ptuning-v2": PTuningV2,
+    "full": FullFineTuning,
+    "freeze": FreezeTuning,
 }
 
 
@@ -36,4 +40,4 @@ def method_from_peft_config(config: dict[str, Any]) -> Method:
     raise DeltatuneError(f"adapter_config.json has peft_type {peft_type!r}, which deltatune cannot load; it reads {known}.")
 
 
-__all__ = ["METHODS", "DeltaModule", "LoRA", "Method", "PTuning", "PTuningV2", "PrefixTuning", "PromptTuning", "method_class", "method_from_peft_config"]
+__all__ = ["METHODS", "DeltaModule", "FreezeTuning", "FullFineTuning", "LoRA", "Method", "PTuning", "PTuningV2", "PrefixTuning", "PromptTuning", "method_class", "method_from_peft_config"]

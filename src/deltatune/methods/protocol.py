@@ -12,6 +12,7 @@ only this protocol; none of them ever asks which method it is talking to.
     Method.capabilities()                      which invariants it honours (see Capabilities)
     Method.artifact                            what training writes: "adapter" or "model"
     Method.peft_module_root                    where module tensors sit in peft's file
+    Method.training_defaults                   training settings the method ships (below the user's)
     Method.encode_prompt(tokenizer, text)      how a prompt becomes ids (templates place slots)
     Method.peft_incompatibility(model)         why peft cannot load the adapter, or None
     Method.describe()                          the settings, as plain data
@@ -65,6 +66,7 @@ class Method:
     cli_name: ClassVar[str]
     artifact: ClassVar[str] = "adapter"
     peft_module_root: ClassVar[str] = "base_model.model."  # the peft key of the model's root module
+    training_defaults: ClassVar[Mapping[str, Any]] = {}  # train settings this method needs (full FT: a lower lr)
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
         """Add adapter ``adapter_name`` to ``model`` in place; return the module paths touched."""

@@ -1,0 +1,63 @@
+"""Save what a run trained, in the form its method produces (``Method.artifact``):
+
+    "adapter"   a peft adapter folder (deltatune.peft_format.save_adapter)
+    "model"     a whole transformers model folder, loadable by ``from_pretrained`` (full and
+                freeze tuning, whose delta is the model's own weights)
+
+The runner and the trainer call :func:`save` and never ask which method they hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from deltatune.atomic import atomic_write_text
+from deltatune.errors import DeltatuneError
+from deltatune.model import DeltaModel
+from deltatune.peft_format import METHOD_NAME, save_adapter
+
+
+def save_model_folder(model: DeltaModel, directory: str | os.PathLike, adapter_name: str | None = None,
+                      parameters: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """The base model with its trained weights as a transformers folder; each file lands by a rename.
+
+    ``parameters`` (keyed as ``model.adapter_parameters(name)``) replace the live values of the
+    trained weights: what the main process of a sharded run gathered.
+    """
+    name = adapter_name or model.active_adapter
+    model.require_adapter(name)
+    base = model.base_model
+    state = None
+    if parameters is not None:
+        live = model.adapter_parameters(name)
+        own = {id(p): key for key, p in base.state_dict(keep_vars=True).items()}
+        state = base.state_dict()
+        state.update({own[id(param)]: parameters[key] for key, param in live.items() if id(param) in own})
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".saving-", dir=directory) as staging:
+        base.save_pretrained(staging, state_dict=state)
+        for written in sorted(Path(staging).iterdir()):  # files already there (a run's log) stay
+            os.replace(written, directory / written.name)
+    described = {"method": model.methods[name].cli_name, "settings": model.methods[name].describe()}
+    atomic_write_text(directory / METHOD_NAME, json.dumps(described, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+WRITERS: dict[str, Callable[..., Path]] = {"adapter": save_adapter, "model": save_model_folder}
+
+
+def save(model: DeltaModel, directory: str | os.PathLike, adapter_name: str | None = None,
+         parameters: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter ``adapter_name`` (default: the active one) as its method's artifact."""
+    if not isinstance(model, DeltaModel):
+        raise DeltatuneError("save needs a model wrapped by deltatune.wrap(...) or deltatune.load_adapter(...).")
+    name = adapter_name or model.active_adapter
+    model.require_adapter(name)
+    return WRITERS[model.methods[name].artifact](model, directory, name, parameters)
