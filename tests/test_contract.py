@@ -17,7 +17,7 @@ Invariants (each a test below, parametrised over every (row, architecture) cell)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import pytest
@@ -234,6 +234,10 @@ def test_merge_unmerge_and_unload(row, arch):
         return
     model.merge_adapter()
     assert close(logits(model, ids), adapted)
+    if model.methods["default"].capabilities().reversible:  # disabled() unmerges meanwhile, then merges back
+        with dt.disabled(model):
+            assert close(logits(model, plain_ids()), logits(build(arch), plain_ids()))
+        assert close(logits(model, ids), adapted)
     model.unmerge_adapter()
     assert tie_groups(views) == ties
     for key, read in views.items():  # W + s·B A − s·B A: equal up to one rounding
@@ -241,6 +245,7 @@ def test_merge_unmerge_and_unload(row, arch):
     assert close(logits(model, ids), adapted)
     plain = dt.merge(model)
     assert not any(isinstance(m, DeltaModule) for m in plain.modules())
+    assert type(plain) is type(build(arch)) and set(plain.state_dict()) == set(build(arch).state_dict())
     assert close(logits(plain, ids), adapted)
 
 

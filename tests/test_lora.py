@@ -62,56 +62,6 @@ def test_svd_init_keeps_the_weight_and_takes_the_top_singular_directions():
 
 
 # --- the wrapped model ---------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ARCHS)
-def test_output_at_init_equals_base(arch, input_ids):
-    base = TINY_MODELS[arch]()
-    reference = logits_of(base, input_ids)
-    model = dt.wrap(base, dt.LoRA(rank=4, targets="all-linear"))
-    assert torch.equal(logits_of(model, input_ids), reference)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_disabled_equals_base_and_merged_equals_unmerged_equals_unloaded(arch, input_ids):
-    reference = logits_of(TINY_MODELS[arch](), input_ids)
-    model = dt.wrap(TINY_MODELS[arch](), dt.LoRA(rank=4, alpha=8, targets="all-linear"))
-    randomize(model)
-    adapted = logits_of(model, input_ids)
-    assert not torch.allclose(adapted, reference)
-    with dt.disabled(model):
-        assert torch.equal(logits_of(model, input_ids), reference)
-    model.merge_adapter()
-    # merged weights round once per matmul differently from the two-matmul bypass: fp32 noise only
-    assert torch.allclose(logits_of(model, input_ids), adapted, atol=1e-5)
-    with dt.disabled(model):
-        assert torch.allclose(logits_of(model, input_ids), reference, atol=1e-5)
-    model.unmerge_adapter()
-    assert torch.allclose(logits_of(model, input_ids), adapted, atol=1e-5)
-    plain = dt.merge(model)
-    assert not any(isinstance(m, dt.DeltaModule) for m in plain.modules())
-    assert type(plain) is type(TINY_MODELS[arch]())
-    assert set(plain.state_dict()) == set(TINY_MODELS[arch]().state_dict())
-    assert torch.allclose(logits_of(plain, input_ids), adapted, atol=1e-5)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_only_the_adapter_changes_after_an_optimizer_step(arch, input_ids):
-    model = dt.wrap(TINY_MODELS[arch](), dt.LoRA(rank=4, targets="all-linear"))
-    before = {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    labels = input_ids if arch != "bert" else torch.tensor([0, 1, 2])
-    model(input_ids=input_ids, labels=labels).loss.backward()
-    optimizer.step()
-    own = {id(p) for p in model.adapter_parameters("default").values()}
-    lora_B = [n for n, p in model.named_parameters() if id(p) in own and n.endswith("lora_B.default")]
-    assert lora_B and all(not torch.equal(model.get_parameter(n), before[n]) for n in lora_B)
-    for name, param in model.named_parameters():
-        if id(param) not in own:
-            assert torch.equal(param, before[name]), name
-    for name, buffer in model.named_buffers():
-        assert torch.equal(buffer, before[name]), name
-
-
 def test_trainable_parameter_count_in_closed_form():
     base = tiny_llama()
     total_before = sum(p.numel() for p in base.parameters())

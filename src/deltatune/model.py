@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
-import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError

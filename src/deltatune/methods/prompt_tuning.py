@@ -11,7 +11,6 @@ one tensor ``prompt_embeddings`` [num_virtual_tokens, hidden].
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
