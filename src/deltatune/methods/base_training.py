@@ -12,13 +12,39 @@ is a whole model folder (``artifact = "model"``), loadable by ``from_pretrained`
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.protocol import DeltaModule, check_shapes
+from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes
+
+
+class WeightTrainingMethod(Method):
+    """What full and freeze tuning declare alike: a model folder, changed in place."""
+
+    artifact: ClassVar[str] = "model"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(reversible=False, mergeable=True)  # merged from the start: nothing to fold
+
+    def trained_paths(self, model: nn.Module) -> list[str]:
+        """The paths (``model.named_parameters()`` keys) of the weights that train."""
+        raise NotImplementedError
+
+    def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
+        TrainedWeights.attached_to(model).add_adapter(adapter_name, self.trained_paths(model))
+        return [TrainedWeights.attribute]
+
+    def peft_config(self, model: nn.Module) -> dict[str, Any]:
+        return {"peft_type": self.peft_type, "deltatune_peft_incompatible": "peft has no format for a whole "
+                "fine-tuned model; load the folder with from_pretrained"}
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> Method:
+        raise DeltatuneError(f"A {cls.cli_name} run writes a model folder; load it with from_pretrained, "
+                             "not as an adapter.")
 
 
 class TrainedWeights(DeltaModule):

@@ -17,14 +17,13 @@ from typing import Any, ClassVar, Mapping
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base_training import TrainedWeights, layer_stacks
-from deltatune.methods.protocol import Capabilities, Method
+from deltatune.methods.base_training import WeightTrainingMethod, layer_stacks
 from deltatune.methods.trained_copy import trained_modules
 from deltatune.targets import is_match
 
 
 @dataclass(frozen=True)
-class FreezeTuning(Method):
+class FreezeTuning(WeightTrainingMethod):
     """The last ``trainable_layers`` layers of each stack train (the first ones when negative), plus ``modules``."""
 
     trainable_layers: int = 2
@@ -32,7 +31,6 @@ class FreezeTuning(Method):
 
     peft_type: ClassVar[str] = "FREEZE"  # deltatune's own: peft has no such adapter type
     cli_name: ClassVar[str] = "freeze"
-    artifact: ClassVar[str] = "model"
     training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 5e-5}
 
     def __post_init__(self) -> None:
@@ -42,9 +40,6 @@ class FreezeTuning(Method):
         if self.trainable_layers == 0 and not self.modules:
             raise DeltatuneError("trainable_layers=0 with no modules trains nothing; set trainable_layers to the "
                                  "number of last layers to train, e.g. 2.")
-
-    def capabilities(self) -> Capabilities:
-        return Capabilities(reversible=False, mergeable=True)
 
     def trained_paths(self, model: nn.Module) -> list[str]:
         stacks = layer_stacks(model)
@@ -62,16 +57,3 @@ class FreezeTuning(Method):
             raise DeltatuneError(f"modules {list(self.modules)!r} match no module of this model.")
         prefixes += [f"{path}." for path in module_paths]
         return [path for path, _ in model.named_parameters() if any(path.startswith(p) for p in prefixes)]
-
-    def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
-        TrainedWeights.attached_to(model).add_adapter(adapter_name, self.trained_paths(model))
-        return [TrainedWeights.attribute]
-
-    def peft_config(self, model: nn.Module) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, "deltatune_peft_incompatible": "peft has no format for a whole fine-tuned "
-                "model; load the folder with from_pretrained"}
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any]) -> "FreezeTuning":
-        raise DeltatuneError("A freeze-tuning run writes a model folder; load it with from_pretrained, "
-                             "not as an adapter.")
