@@ -387,3 +387,41 @@ def test_unmerge_with_nothing_merged_touches_no_weight():
     with dt.disabled(model):
         pass
     assert all(p is before[name] for name, p in base.named_parameters(remove_duplicate=False))
+
+
+class KeptWeight(nn.Parameter):
+    """Stands in for a quantised storage: it cannot be written in place."""
+
+
+class KeptWeightBackend:
+    writes_in_place = False
+
+    def handles(self, weight):
+        return type(weight) is KeptWeight
+
+    def dense(self, weight):
+        return weight.detach().as_subclass(torch.Tensor)
+
+    def stored(self, like, dense):
+        return KeptWeight(dense.to(like.dtype), requires_grad=False)
+
+
+def test_a_weight_storage_plugs_in_as_one_backend(input_ids):
+    from deltatune.methods.base_weight import BACKENDS
+
+    BACKENDS.append(KeptWeightBackend())
+    try:
+        base = tiny_llama()
+        layer = base.model.layers[0].self_attn.q_proj
+        layer.weight = KeptWeight(layer.weight.detach().clone(), requires_grad=False)
+        original = layer.weight
+        model = dt.wrap(base, dt.LoRA(rank=4, targets=["q_proj"]))
+        randomize(model)
+        adapted = logits_of(model, input_ids)
+        model.merge_adapter()
+        assert type(layer.weight) is KeptWeight and layer.weight is not original  # stored by the backend
+        assert torch.allclose(logits_of(model, input_ids), adapted, atol=1e-5)
+        model.unmerge_adapter()
+        assert layer.weight is original  # the very tensor back: nothing re-quantised
+    finally:
+        BACKENDS.pop()
