@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     run = build_run(merge_settings(read_yaml(args.config) if args.config else {},
                                    {k: v for k, v in flags.items() if v is not None},
                                    parse_overrides(args.overrides)))
-    result = run_training(run, resume=args.resume, progress=not args.quiet)
+    result = run_training(run, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     summary = {"output": run.output, "steps": result.step, "train_loss": round(result.train_loss, 4),
                "eval_loss": round(result.eval_losses[-1][1], 4) if result.eval_losses else None,
                "tokens_per_s": round(result.tokens_per_s)}
@@ -32,12 +32,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     import deltatune as dt
-    from deltatune.atomic import atomic_directory
+    from deltatune.atomic import check_output_folder, files_into
     from deltatune.pretrained import load_causal_lm, load_tokenizer
 
+    check_output_folder(args.output, overwrite=args.overwrite, reads=(args.model, args.adapter))
     model = dt.load_adapter(load_causal_lm(args.model, args.dtype, args.trust_remote_code), args.adapter)
     merged = dt.merge(model)
-    with atomic_directory(args.output) as staging:
+    with files_into(args.output) as staging:
         merged.save_pretrained(staging)
         load_tokenizer(args.model, args.trust_remote_code).save_pretrained(staging)
     print(f"merged model written to {args.output}")
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", dest="max_steps", type=int)
     train.add_argument("--config", help="YAML file of settings")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    train.add_argument("--overwrite", action="store_true",
+                       help="write into an --output that holds files, replacing deltatune's own (others are kept)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.set_defaults(func=cmd_train)
@@ -121,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", required=True)
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--output", required=True)
+    merge.add_argument("--overwrite", action="store_true",
+                       help="write into an --output that holds files, replacing same-named files (others are kept)")
     merge.set_defaults(func=cmd_merge)
 
     generate = commands.add_parser("generate", help="generate text, greedy by default")

@@ -7,18 +7,18 @@ Needs nothing outside the package: the model and data ship with it (bundled/ATTR
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 import deltatune as dt
+from deltatune.atomic import is_own_file, remove_own_files
 from deltatune.config import build_run
 from deltatune.data import load_examples
 from deltatune.errors import DeltatuneError
 from deltatune.generation import encode_prompt, generate_text
 from deltatune.pretrained import bundled, load_causal_lm, load_tokenizer
-from deltatune.runner import RUN_RECORD, run_training
+from deltatune.runner import run_training
 
 SHOWN = 3  # held-out examples shown before and after
 
@@ -33,11 +33,14 @@ def demo_settings(output: str, max_steps: int) -> dict:
 
 
 def _fresh(output: Path) -> None:
-    """The demo owns its output folder; refuse to wipe one that holds anything else."""
-    if output.exists():
-        if any(output.iterdir()) and not (output / RUN_RECORD).exists():
-            raise DeltatuneError(f"{output} exists and is not a deltatune run folder; pass --output to a new folder.")
-        shutil.rmtree(output)
+    """Clear an earlier demo run's files; refuse a folder that holds anything deltatune did not write."""
+    if output.exists() and not output.is_dir():
+        raise DeltatuneError(f"--output {str(output)!r} is a file; name a folder for the demo run.")
+    foreign = sorted(p.name for p in output.iterdir() if not is_own_file(p)) if output.is_dir() else []
+    if foreign:
+        raise DeltatuneError(f"{output} holds {foreign[0]!r}, which deltatune did not write; "
+                             "pass --output to a new folder.")
+    remove_own_files(output)
 
 
 def _show(title: str, prompts: list[str], texts: list[str]) -> None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
-from pathlib import Path
 
 import deltatune as dt
-from deltatune.atomic import atomic_write_text
+from deltatune.atomic import atomic_write_text, check_output_folder, files_into, remove_own_files
 from deltatune.config import RunConfig
 from deltatune.data import load_examples, split_examples, tokenize_examples
 from deltatune.pretrained import load_causal_lm, load_tokenizer, pad_token_id
@@ -16,7 +15,10 @@ from deltatune.train import TrainResult, train
 RUN_RECORD = "deltatune_run.yaml"
 
 
-def run_training(run: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+def run_training(run: RunConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train ``run``. An --output that holds files needs ``resume`` (its checkpoints continue) or
+    ``overwrite`` (deltatune's files from an earlier run are cleared; other files are kept)."""
+    output = check_output_folder(run.output, overwrite=overwrite or resume, reads=(run.model,))
     tokenizer = load_tokenizer(run.model, run.trust_remote_code)
     examples = load_examples(run.data)
     if run.eval_data:
@@ -31,11 +33,13 @@ def run_training(run: RunConfig, resume: bool = False, progress: bool = True) ->
     for warning in caught:
         print(f"deltatune: warning: {warning.message}")
     model = dt.wrap(load_causal_lm(run.model, run.dtype, run.trust_remote_code), run.method)
-    output = Path(run.output)
+    if overwrite and not resume:  # only now that model and data loaded: a failed start loses nothing
+        remove_own_files(output)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / RUN_RECORD, run.to_yaml())
     result = train(model, train_tokens, eval_tokens, run.train, output, pad_token_id=pad_token_id(tokenizer),
                    save_model=dt.save, resume=resume, progress=progress)
     dt.save(model, output)
-    tokenizer.save_pretrained(output)  # the folder is self-contained: `deltatune generate --model` works on a model folder
+    with files_into(output) as staging:  # self-contained: `deltatune generate --model` works on a model folder
+        tokenizer.save_pretrained(staging)
     return result

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 
-from deltatune.atomic import atomic_write_text
+from deltatune.atomic import atomic_write_text, files_into
 from deltatune.errors import DeltatuneError
 from deltatune.model import DeltaModel
 from deltatune.peft_format import METHOD_NAME, save_adapter
@@ -40,11 +39,8 @@ def save_model_folder(model: DeltaModel, directory: str | os.PathLike, adapter_n
         state = base.state_dict()
         state.update({own[id(param)]: parameters[key] for key, param in live.items() if id(param) in own})
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".saving-", dir=directory) as staging:
+    with files_into(directory) as staging:  # files already there (a run's log) stay
         base.save_pretrained(staging, state_dict=state)
-        for written in sorted(Path(staging).iterdir()):  # files already there (a run's log) stay
-            os.replace(written, directory / written.name)
     described = {"method": model.methods[name].cli_name, "settings": model.methods[name].describe()}
     atomic_write_text(directory / METHOD_NAME, json.dumps(described, indent=2, sort_keys=True) + "\n")
     return directory
