@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
 from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForSequenceClassification,
                           GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                           LlamaForCausalLM, LlamaForSequenceClassification, T5Config, T5ForConditionalGeneration)
+
+from deltatune.cli import main as cli_main
+from deltatune.pretrained import bundled
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -88,3 +93,18 @@ def stories_dir():
     if not (STORIES / "config.json").is_file():
         pytest.skip(f"{STORIES} is not present: the shared stories260K model is needed for this test")
     return STORIES
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A LoRA adapter trained for a few steps by the CLI on 40 bundled E2E examples."""
+    folder = tmp_path_factory.mktemp("cli")
+    rows = [json.loads(line) for line in bundled("e2e/train.jsonl").read_text().splitlines()[:40]]
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    output = folder / "adapter"
+    code = cli_main(["train", "--model", str(bundled("stories260K")), "--data", str(data), "--output", str(output),
+                     "--max-steps", "4", "--quiet", "rank=4", "targets=[q_proj,v_proj,down_proj]", "learning_rate=1e-2",
+                     "batch_size=4"])
+    assert code == 0
+    return output

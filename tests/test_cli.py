@@ -27,19 +27,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A LoRA adapter trained for a few steps by the CLI on 40 bundled E2E examples."""
-    folder = tmp_path_factory.mktemp("cli")
-    rows = [json.loads(line) for line in bundled("e2e/train.jsonl").read_text().splitlines()[:40]]
-    data = write_jsonl(folder / "data.jsonl", rows)
-    output = folder / "adapter"
-    code = main(["train", "--model", MODEL, "--data", str(data), "--output", str(output), "--max-steps", "4",
-                 "--quiet", "rank=4", "targets=[q_proj,v_proj,down_proj]", "learning_rate=1e-2", "batch_size=4"])
-    assert code == 0
-    return output
-
-
 def test_train_writes_a_peft_folder_with_run_record_and_metrics(trained):
     assert {"adapter_config.json", "adapter_model.safetensors", "deltatune_run.yaml", "metrics.jsonl"} <= {
         p.name for p in trained.iterdir()}

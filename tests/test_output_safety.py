@@ -14,7 +14,7 @@ from deltatune.demo import run_demo
 from deltatune.errors import DeltatuneError
 from deltatune.pretrained import bundled
 
-from test_cli import MODEL, trained, write_jsonl  # noqa: F401  (trained is a fixture)
+from test_cli import MODEL, write_jsonl
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
