@@ -78,3 +78,15 @@ def test_demo_refuses_a_folder_with_files_it_did_not_write(tmp_path):
 def test_trust_remote_code_takes_only_a_real_boolean(value):
     with pytest.raises(DeltatuneError, match="trust_remote_code must be true or false"):
         build_run({"model": "m", "data": "d", "output": "o", "trust_remote_code": value})
+
+
+def test_the_same_settings_give_the_same_adapter_bit_for_bit(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    data_file = data(tmp_path)
+    for run in ("first", "second"):
+        torch.rand(int(torch.randint(1, 100, (1,))))  # whatever happened in the process before
+        assert train_into(tmp_path / run, data_file, "targets=all-linear", "seed=5") == 0
+    first, second = (load_file(str(tmp_path / run / "adapter_model.safetensors")) for run in ("first", "second"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from functools import partial
 
+import torch
+
 import deltatune as dt
 from deltatune.atomic import atomic_write_text, check_output_folder, files_into, remove_own_files
 from deltatune.config import RunConfig
@@ -32,7 +34,9 @@ def run_training(run: RunConfig, resume: bool = False, progress: bool = True, ov
         eval_tokens = tokenize_examples(eval_examples, tokenizer, run.train.max_length, encode)
     for warning in caught:
         print(f"deltatune: warning: {warning.message}")
-    model = dt.wrap(load_causal_lm(run.model, run.dtype, run.trust_remote_code), run.method)
+    base = load_causal_lm(run.model, run.dtype, run.trust_remote_code)
+    torch.manual_seed(run.train.seed)  # the method's initial values come from the run's seed, not from chance
+    model = dt.wrap(base, run.method)
     if overwrite and not resume:  # only now that model and data loaded: a failed start loses nothing
         remove_own_files(output)
     output.mkdir(parents=True, exist_ok=True)
