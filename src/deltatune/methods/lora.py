@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -379,12 +379,11 @@ class LoRALayer(DeltaModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_adapter_names is not None:
             return self._forward_per_example(x)
-        running = [n for n in self.active_adapters if n not in self._merged]
+        running = [n for n in self.active_adapters if n not in self._merged] if self._merged else self.active_adapters
         fused = self._fusable_adapter(x, running)
         if fused is not None:
-            return FusedLoRALinear.apply(x, self.base_layer.weight, self._bias_for(running), self.lora_A[fused],
-                                         self.lora_B[fused], self.scaling[fused],
-                                         self.dropout[fused] if self.training else 0.0)
+            return fused_lora_linear(x, self.base_layer.weight, self._bias_for(running), self.lora_A[fused],
+                                     self.lora_B[fused], self.scaling[fused], self.dropout[fused] if self.training else 0.0)
         out = self._base_forward(x, self._bias_for(running))
         for name in running:
             out = out + self._lora(x, name).to(out.dtype)
@@ -392,8 +391,10 @@ class LoRALayer(DeltaModule):
             out = out + self._svd_init_term(x, name).to(out.dtype)
         return out
 
-    def _bias_for(self, running: list[str]) -> torch.Tensor | None:
+    def _bias_for(self, running: Sequence[str]) -> torch.Tensor | None:
         """The running adapter's own bias if it trains one, else the base layer's."""
+        if not self.biases:
+            return self.bias
         own = [n for n in running if n in self.biases]
         return self.biases[own[-1]] if own else self.bias
 
@@ -402,18 +403,17 @@ class LoRALayer(DeltaModule):
             return self.base_layer(x)
         return functional_call(self.base_layer, {"bias": bias}, (x,))
 
-    def _svd_inits_to_restore(self, running: Iterable[str]) -> list[str]:
+    def _svd_inits_to_restore(self, running: Sequence[str]) -> list[str]:
         """PiSSA adapters neither running nor merged: the base weight lacks their s·B₀A₀."""
         return [n for n in self.svd_init_state if n not in running and n not in self._merged]
 
-    def _fusable_adapter(self, x: torch.Tensor, running: list[str]) -> str | None:
+    def _fusable_adapter(self, x: torch.Tensor, running: Sequence[str]) -> str | None:
         """The one adapter the fused kernel can run here, or None for the general path."""
-        if (len(running) != 1 or self._merged or type(self.base_layer) is not nn.Linear
-                or self.base_layer.weight.requires_grad or torch.is_autocast_enabled(x.device.type)
-                or self._svd_inits_to_restore(running)):
+        if len(running) != 1 or self._merged or (self.svd_init_state and self._svd_inits_to_restore(running)):
             return None
-        name = running[0]
-        if not (x.dtype == self.base_layer.weight.dtype == self.lora_A[name].dtype):
+        weight, name = self.base_layer.weight, running[0]
+        if (type(self.base_layer) is not nn.Linear or weight.requires_grad or torch.is_autocast_enabled(x.device.type)
+                or not x.dtype == weight.dtype == self.lora_A[name].dtype):
             return None
         return name
 
@@ -460,6 +460,19 @@ class LoRALayer(DeltaModule):
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
         return f"ranks={ranks}, transposed={self.transposed}"
+
+
+def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                      lora_B: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
+    """x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ: through the fused autograd kernel when a gradient is wanted,
+    else as two in-place matmuls with no autograd bookkeeping (decoding, evaluation)."""
+    if torch.is_grad_enabled():
+        return FusedLoRALinear.apply(x, weight, bias, lora_A, lora_B, scale, dropout)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    hidden = (F.dropout(x2, dropout) if dropout > 0 else x2) @ lora_A.T  # (N, r)
+    out = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T  # (N, out)
+    out.addmm_(hidden, lora_B.T, alpha=scale)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class FusedLoRALinear(torch.autograd.Function):

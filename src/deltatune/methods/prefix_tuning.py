@@ -291,6 +291,7 @@ class PrefixKeyValues(SequenceDelta):
         self._injections: list[Any] = []
         self._readonly_cache_layers: list[nn.Module] = []
         self._training_cache: Cache | None = None  # kept after the call: a checkpointed layer recomputes with it
+        self._attention_hooks: list[CallHook] = []
 
     # the decoder side under the names the decoder-only code has always had
     embeddings = property(lambda self: self.tables["decoder"].embeddings)
@@ -300,8 +301,6 @@ class PrefixKeyValues(SequenceDelta):
         self.kind = model_kind(host)
         if self.kind == "decoder":
             super().attach(host)  # the prefix rides in the host's KV cache
-            # GPT-2 hands its layers no cache under gradient checkpointing: give ours back to each attention
-            self._injections = [CallHook(m, self._cache_for_attention) for m in self_attention_modules(host, strict=False)]
             return
         if self.kind == "encoder_decoder":
             self._injections = [EncoderPrefix(host.get_encoder(), self._encoder_prefix),
@@ -314,6 +313,7 @@ class PrefixKeyValues(SequenceDelta):
         for injection in self._injections:
             injection.remove()
         self._injections = []
+        self._hand_cache_to_attention(None, False)
 
     # --- adapters --------------------------------------------------------------------------
     def add_adapter(self, name: str, layouts: dict[str, AttentionLayout], count: int, projection: bool,
@@ -388,6 +388,17 @@ class PrefixKeyValues(SequenceDelta):
         self._training_cache = None  # a new call: the last one's recompute is over
         return super()._before(host, args, kwargs)
 
+    def _hand_cache_to_attention(self, host: nn.Module | None, on: bool) -> None:
+        """GPT-2 gives its layers no cache under gradient checkpointing: while training on the
+        stateless cache, hooks give ours back to each attention (off while generating: no cost)."""
+        if on and not self._attention_hooks:
+            self._attention_hooks = [CallHook(m, self._cache_for_attention)
+                                     for m in self_attention_modules(host, strict=False)]
+        elif not on:
+            for hook in self._attention_hooks:
+                hook.remove()
+            self._attention_hooks = []
+
     def _cache_for_attention(self, attention: nn.Module, call: dict) -> dict | None:
         name = cache_parameter(attention)
         if self._training_cache is None or call.get(name) is not None:
@@ -407,10 +418,12 @@ class PrefixKeyValues(SequenceDelta):
         if host.training or call.get("use_cache") is False:
             # stateless: a checkpointed layer recomputes the same keys, and nothing grows across calls
             call[self.cache_name] = self._training_cache = Cache(layers=[PrefixLayer(k, v) for k, v in key_values])
+            self._hand_cache_to_attention(host, True)
             self._readonly_cache_layers = [m for m in host.modules() if isinstance(m, GradientCheckpointingLayer)]
             for layer in self._readonly_cache_layers:  # our cache only reads: safe to keep under checkpointing
                 layer._can_checkpoint_with_cache = True
         else:
+            self._hand_cache_to_attention(host, False)
             cache = call.get(self.cache_name)
             if cache is None:
                 cache = DynamicCache()
