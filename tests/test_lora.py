@@ -425,3 +425,17 @@ def test_a_weight_storage_plugs_in_as_one_backend(input_ids):
         assert layer.weight is original  # the very tensor back: nothing re-quantised
     finally:
         BACKENDS.pop()
+
+
+def test_the_no_grad_path_equals_the_autograd_kernel():
+    from deltatune.methods.lora import fused_lora_linear
+
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 5, 16), torch.randn(8, 16), torch.randn(8)
+    lora_A, lora_B = torch.randn(4, 16), torch.randn(8, 4)
+    with torch.no_grad():
+        inference = fused_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0)
+    training = fused_lora_linear(x, weight, bias, lora_A.requires_grad_(), lora_B, 0.5, 0.0)
+    reference = x @ weight.T + bias + 0.5 * (x @ lora_A.T @ lora_B.T)
+    assert torch.equal(inference, training.detach())
+    assert torch.allclose(inference, reference.detach(), atol=1e-5)
