@@ -176,3 +176,21 @@ def test_prompt_learning_methods_train_from_the_cli(method, extra, tmp_path, cap
     assert re.search(r"loads in peft\s+no" if in_template else r"loads in peft\s+yes", info)
     assert main(["generate", "--model", MODEL, "--adapter", str(output), "--prompt", "name : Aromi",
                  "--max-new-tokens", "4"]) == 0
+
+
+@pytest.mark.parametrize("method", ["full", "freeze"])
+def test_full_and_freeze_write_a_model_folder_that_generate_and_info_read(method, tmp_path, capsys):
+    rows = [json.loads(line) for line in bundled("e2e/train.jsonl").read_text().splitlines()[:16]]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    output = tmp_path / method
+    assert main(["train", "--model", MODEL, "--data", str(data), "--output", str(output), "--method", method,
+                 "--max-steps", "2", "--quiet", "batch_size=4"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(output)  # a plain transformers folder
+    assert not (output / "adapter_config.json").exists()
+    capsys.readouterr()
+    assert main(["info", str(output)]) == 0
+    shown = capsys.readouterr().out
+    assert f"{method} (a whole model folder" in shown and "260,032" in shown
+    assert main(["generate", "--model", str(output), "--prompt", "name : Aromi |", "--max-new-tokens", "3"]) == 0

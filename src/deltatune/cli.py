@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -72,8 +73,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     from deltatune.peft_format import TRAINING_STATE_NAME, read_adapter_folder, read_method_description
     from deltatune.runner import RUN_RECORD
 
-    config, tensors = read_adapter_folder(args.adapter)
+    folder = Path(args.adapter)
     described = read_method_description(args.adapter) or {}
+    if described and not (folder / "adapter_config.json").exists() and (folder / "config.json").is_file():
+        _model_folder_info(folder, described)  # full or freeze tuning: a whole model folder
+        return
+    config, tensors = read_adapter_folder(args.adapter)
     rows: dict[str, Any] = {"method": f"{config.get('peft_type')}" + (f" ({described['method']})" if described else "")}
     rows.update({label: config[key] for key, label in INFO_KEYS.items() if config.get(key) not in (None, [], {})})
     rows["parameters"] = f"{sum(t.numel() for t in tensors.values()):,}"
@@ -82,7 +87,6 @@ def cmd_info(args: argparse.Namespace) -> None:
     rows["task"] = config.get("task_type")
     rows["loads in peft"] = ("no: " + config["deltatune_peft_incompatible"]) if config.get(
         "deltatune_peft_incompatible") else "yes"
-    folder = Path(args.adapter)
     if (folder / TRAINING_STATE_NAME).is_file():
         rows["training state"] = f"{TRAINING_STATE_NAME} (resume with load_adapter(..., trainable=True))"
     if (folder / RUN_RECORD).is_file():
@@ -91,6 +95,26 @@ def cmd_info(args: argparse.Namespace) -> None:
     for key, value in rows.items():
         if value is not None:
             print(f"{key:<{width}}  {value}")
+
+
+def _model_folder_info(folder: Path, described: dict[str, Any]) -> None:
+    from safetensors import safe_open
+
+    from deltatune.runner import RUN_RECORD
+
+    shards = sorted(folder.glob("model*.safetensors"))
+    count = 0
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as weights:
+            count += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
+    rows = {"method": f"{described['method']} (a whole model folder: load it with from_pretrained)",
+            "settings": json.dumps(described.get("settings", {})), "parameters": f"{count:,}",
+            "loads in peft": "no: peft has no format for a whole fine-tuned model"}
+    if (folder / RUN_RECORD).is_file():
+        rows["trained with"] = str(folder / RUN_RECORD)
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
