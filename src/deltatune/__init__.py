@@ -19,7 +19,7 @@ from deltatune.peft_format import load_adapter, save_adapter
 
 from deltatune.saving import save
 
-DeltaModel.writer = staticmethod(save_adapter)  # model.py knows no file format; saving wires itself in here
+DeltaModel.writer = staticmethod(save)  # model.py knows no file format; saving wires itself in here
 
 __version__ = "0.1.0"
 

@@ -25,8 +25,8 @@ class DeltaModel(nn.Module):
     freeze tuning).
     """
 
-    # How save_pretrained writes: set by the package root to deltatune.save_adapter, so this
-    # module knows no file format.
+    # How save_pretrained writes: set by the package root to deltatune.save (the method's
+    # artifact: a peft adapter folder or a model folder), so this module knows no file format.
     writer: ClassVar[Callable[..., Path] | None] = None
 
     def __init__(self, model: nn.Module) -> None:
@@ -143,7 +143,7 @@ class DeltaModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
 
     def save_pretrained(self, directory: str, adapter_name: str | None = None) -> Path:
-        """peft's spelling of :func:`deltatune.save_adapter`: writes the adapter, not the base model."""
+        """peft's spelling of :func:`deltatune.save`: the adapter (or, for full and freeze tuning, the model)."""
         return type(self).writer(self, directory, adapter_name)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
