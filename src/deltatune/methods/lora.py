@@ -29,11 +29,11 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.errors import DeltatuneError
-from deltatune.validation import require_bool, require_choice, require_number, require_positive_int
 from deltatune.methods.base_weight import WeightStore, layer_sizes, read_weight, stored_transposed
 from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes, shared_parameter_ids
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.targets import ALL_LINEAR, Targets, find_targets, pattern_value, resolve_targets, target_names_for_config
+from deltatune.validation import require_bool, require_choice, require_number, require_positive_int
 
 INITS = ("kaiming", "gaussian", "pissa")
 # peft LoraConfig keys that would change what a loaded adapter computes: refused unless off.

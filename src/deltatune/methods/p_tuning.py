@@ -45,12 +45,12 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from deltatune.errors import DeltatuneError
-from deltatune.validation import require_choice, require_positive_int
 from deltatune.methods.protocol import Capabilities, Method, check_shapes
 from deltatune.data import bos_ids
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, check_context, check_not_encoder_decoder,
                                               prepend_virtual_tokens)
+from deltatune.validation import require_choice, require_positive_int
 
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}  # ours → peft's encoder_reparameterization_type
 PEFT_KEYS = {"peft_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",

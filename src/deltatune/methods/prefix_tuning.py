@@ -53,7 +53,6 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from deltatune.errors import DeltatuneError
-from deltatune.validation import require_bool, require_positive_int
 from deltatune.methods.prefix_injection import (CallHook, DecoderPrefix, EncoderPrefix, KeyValues, PrefixLayer,
                                                 cache_parameter, model_kind,
                                                 self_attention_modules)
@@ -62,6 +61,7 @@ from deltatune.methods.trained_copy import inject_trained_copies, trained_module
 from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, batch_and_length, cached_length,
                                               check_context, shift_positions,
                                               widen_attention_mask)
+from deltatune.validation import require_bool, require_positive_int
 
 __all__ = ["AttentionLayout", "PrefixKeyValues", "PrefixLayer", "PrefixTuning"]
 

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
-from deltatune.validation import require_choice, require_positive_int
 from deltatune.methods.protocol import Capabilities, Method, check_shapes
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, check_context, check_not_encoder_decoder,
                                               prepend_virtual_tokens)
+from deltatune.validation import require_choice, require_positive_int
 
 INITS = ("random", "vocab", "text")
 
