@@ -433,3 +433,24 @@ def test_resume_from_a_checkpoint_is_exact(row, tmp_path):
           progress=False)
     for key, param in whole.adapter_parameters("default").items():
         assert torch.equal(param, resumed.adapter_parameters("default")[key]), key
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if "llama" in ROWS[r].archs])
+def test_a_bf16_model_trains_saves_and_loads(row, tmp_path):
+    base = TINY_ARCHITECTURES["llama"]().to(torch.bfloat16)
+    model = dt.wrap(base, ROWS[row].make(base))
+    randomize(model)
+    ids = adapted_ids(row, plain_ids())
+    model.train()
+    loss(model, ids).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.adapter_parameters("default").values())
+    model.eval()
+    adapted = logits(model, ids)
+    assert adapted.dtype == torch.bfloat16
+    dt.save(model, tmp_path)
+    if model.methods["default"].artifact == "model":  # (from_pretrained keeps RoPE's inv_freq in fp32: compare weights)
+        loaded = dict(type(base).from_pretrained(tmp_path, dtype=torch.bfloat16).named_parameters())
+        assert all(torch.equal(loaded[name], p) for name, p in model.base_model.named_parameters())
+        return
+    loaded = dt.load_adapter(TINY_ARCHITECTURES["llama"]().to(torch.bfloat16), tmp_path)
+    assert torch.allclose(logits(loaded, ids).float(), adapted.float(), atol=2e-2)  # bf16 keeps 8 bits of mantissa
