@@ -277,10 +277,10 @@ def test_save_load_is_exact_and_peft_loads_what_it_can_express(row, arch, tmp_pa
     adapted = logits(model, ids)
     dt.save(model, tmp_path)
     if model.methods["default"].artifact == "model":  # a whole model folder
-        assert close(logits(type(model.base_model).from_pretrained(tmp_path).eval(), ids), adapted)
+        assert torch.equal(logits(type(model.base_model).from_pretrained(tmp_path).eval(), ids), adapted)
         return
-    loaded = dt.load_adapter(build(arch), tmp_path)
-    assert close(logits(loaded, ids), adapted)
+    loaded = logits(dt.load_adapter(build(arch), tmp_path), ids)
+    assert torch.equal(loaded, adapted) if model.methods["default"].capabilities().exact_reload else close(loaded, adapted)
     resumed = dt.load_adapter(build(arch), tmp_path, trainable=True)  # the training-time form
     for key, param in model.adapter_parameters("default").items():
         assert torch.equal(resumed.adapter_parameters("default")[key], param), key

@@ -120,7 +120,7 @@ class LoRA(Method):
     # --- Method protocol -----------------------------------------------------------------
     def capabilities(self) -> Capabilities:
         # every init starts at the base model (B = 0, or PiSSA's exact split W = W_res + s·B A)
-        return Capabilities(mergeable=True, per_example_adapters=True)
+        return Capabilities(mergeable=True, per_example_adapters=True, exact_reload=self.init != "pissa")
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
         heads = trained_modules(model, self.modules_to_save)

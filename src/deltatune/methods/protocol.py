@@ -51,12 +51,15 @@ class Capabilities:
                           with one sentence instead (the base weights were changed in place)
     mergeable             folds into the base weights: merged = unmerged = unloaded outputs
     per_example_adapters  ``adapter_names=[...]`` picks an adapter per example of one batch
+    exact_reload          a saved folder loads back to bit-identical outputs (PiSSA's is rewritten
+                          as a plain LoRA on the original weight: equal up to fp32 rounding)
     """
 
     equals_base_at_init: bool = True
     reversible: bool = True
     mergeable: bool = False
     per_example_adapters: bool = False
+    exact_reload: bool = True
 
 
 class Method:
