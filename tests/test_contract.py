@@ -454,3 +454,18 @@ def test_a_bf16_model_trains_saves_and_loads(row, tmp_path):
         return
     loaded = dt.load_adapter(TINY_ARCHITECTURES["llama"]().to(torch.bfloat16), tmp_path)
     assert torch.allclose(logits(loaded, ids).float(), adapted.float(), atol=2e-2)  # bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize("name", ["", "../x", "x.y", "__base__", 3])
+def test_an_unusable_adapter_name_is_refused_before_the_model_changes(name):
+    model = dt.wrap(build("llama"), dt.LoRA(rank=2))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(DeltatuneError, match="not usable"):
+        model.add_adapter(name, dt.LoRA(rank=2))
+    assert [type(m) for m in model.modules()] == before
+    model.add_adapter("second", dt.LoRA(rank=2))  # the model still takes a good one
+
+
+def test_wrap_needs_a_method():
+    with pytest.raises(DeltatuneError, match="needs a method"):
+        dt.wrap(build("llama"), "lora")

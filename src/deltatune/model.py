@@ -51,6 +51,11 @@ class DeltaModel(nn.Module):
                 yield path, module
 
     def add_adapter(self, name: str, method: Method) -> None:
+        if not isinstance(method, Method):
+            raise DeltatuneError(f"add_adapter needs a method such as deltatune.LoRA(rank=8), got {type(method).__name__}.")
+        if not isinstance(name, str) or not name.isidentifier() or name == "__base__":
+            raise DeltatuneError(f"Adapter name {name!r} is not usable; pick a name of letters, digits and "
+                                 "underscores, like 'default' or 'summarise'.")
         if name in self.methods:
             raise DeltatuneError(f"An adapter named {name!r} exists already; pick another name or delete it first.")
         if any(m.merged_adapters for _, m in self.delta_modules()):
