@@ -469,3 +469,8 @@ def test_an_unusable_adapter_name_is_refused_before_the_model_changes(name):
 def test_wrap_needs_a_method():
     with pytest.raises(DeltatuneError, match="needs a method"):
         dt.wrap(build("llama"), "lora")
+
+
+def test_a_hyphenated_adapter_name_works():
+    model = dt.wrap(build("llama"), dt.LoRA(rank=2), adapter_name="summarise-v2")
+    assert list(model.adapter_parameters("summarise-v2"))

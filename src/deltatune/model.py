@@ -7,6 +7,7 @@ on whatever ``DeltaModule``s the methods put into the model — it never asks wh
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
@@ -53,9 +54,9 @@ class DeltaModel(nn.Module):
     def add_adapter(self, name: str, method: Method) -> None:
         if not isinstance(method, Method):
             raise DeltatuneError(f"add_adapter needs a method such as deltatune.LoRA(rank=8), got {type(method).__name__}.")
-        if not isinstance(name, str) or not name.isidentifier() or name == "__base__":
-            raise DeltatuneError(f"Adapter name {name!r} is not usable; pick a name of letters, digits and "
-                                 "underscores, like 'default' or 'summarise'.")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name == "__base__":
+            raise DeltatuneError(f"Adapter name {name!r} is not usable; pick a name of letters, digits, '_' and "
+                                 "'-', like 'default' or 'summarise-v2'.")
         if name in self.methods:
             raise DeltatuneError(f"An adapter named {name!r} exists already; pick another name or delete it first.")
         if any(m.merged_adapters for _, m in self.delta_modules()):
