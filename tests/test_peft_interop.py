@@ -76,3 +76,21 @@ def test_unknown_config_keys_are_ignored_with_a_warning(tmp_path, input_ids):
     with pytest.warns(UserWarning, match="a_key_from_the_future"):
         loaded = dt.load_adapter(tiny_llama(), tmp_path)
     assert torch.equal(logits_of(loaded, input_ids), logits_of(model, input_ids))
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_peft_adapter_with_trained_biases_loads_here(bias, tmp_path, input_ids):
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["c_attn"], bias=bias,
+                             fan_in_fan_out=True)
+    theirs = peft.get_peft_model(TINY_MODELS["gpt2"](), config)
+    with torch.no_grad():  # as if trained: move every bias the adapter trains away from the base model's
+        for name, param in theirs.named_parameters():
+            if name.endswith("bias") and param.requires_grad:
+                param.add_(0.1)
+    theirs.eval()
+    expected = logits_of(theirs, input_ids)
+    theirs.save_pretrained(str(tmp_path))
+    ours = dt.load_adapter(TINY_MODELS["gpt2"](), tmp_path)
+    assert torch.allclose(logits_of(ours, input_ids), expected, atol=1e-5)
+    with dt.disabled(ours):
+        assert torch.equal(logits_of(ours, input_ids), logits_of(TINY_MODELS["gpt2"](), input_ids))
