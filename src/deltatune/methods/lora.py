@@ -439,20 +439,15 @@ class LoRALayer(DeltaModule):
 
     def _forward_per_example(self, x: torch.Tensor) -> torch.Tensor:
         """Each example of the batch uses its own adapter ("__base__": none)."""
-        if self._merged:
-            raise DeltatuneError("Per-example adapters need unmerged weights; call unmerge_adapter() first.")
-        names = list(self.batch_adapter_names)
-        if len(names) != x.shape[0]:
-            raise DeltatuneError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} examples.")
+        rows_of = self.rows_per_adapter(x.shape[0], x.device)
         out = self.base_layer(x).clone()
-        for name in dict.fromkeys(names):
+        for name, rows in rows_of.items():
             if name in self.lora_A:
-                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
                 out[rows] = out[rows] + self._lora(x[rows], name).to(out.dtype)
                 if name in self.biases:  # its own bias instead of the base layer's
                     out[rows] = out[rows] + (self.biases[name] - self.bias).to(out.dtype)
-        for name in self.svd_init_state:
-            rows = torch.tensor([i for i, n in enumerate(names) if n != name], device=x.device, dtype=torch.long)
+        for name in self.svd_init_state:  # PiSSA: rows that do not run it see W = W_res + s·B₀A₀
+            rows = torch.cat([r for other, r in rows_of.items() if other != name] or [rows_of[name][:0]])
             if rows.numel():
                 out[rows] = out[rows] + self._svd_init_term(x[rows], name).to(out.dtype)
         return out
@@ -589,13 +584,10 @@ class TrainedBias(DeltaModule):
 
     def _forward_per_example(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Rows of the batch run with their own adapter's bias (the original for "__base__")."""
-        names = list(self.batch_adapter_names)
-        if self._merged or len(names) != x.shape[0]:
-            raise DeltatuneError("Per-example adapters need unmerged modules and one adapter name per example.")
         out = self.base_layer(x, *args, **kwargs).clone()
-        for name in dict.fromkeys(n for n in names if n in self.biases):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            out[rows] = functional_call(self.base_layer, {"bias": self.biases[name]}, (x[rows], *args), kwargs)
+        for name, rows in self.rows_per_adapter(x.shape[0], x.device).items():
+            if name in self.biases:
+                out[rows] = functional_call(self.base_layer, {"bias": self.biases[name]}, (x[rows], *args), kwargs)
         return out
 
 

@@ -159,6 +159,16 @@ class DeltaModule(nn.Module):
     def merged_adapters(self) -> tuple[str, ...]:
         return ()
 
+    def rows_per_adapter(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """For a per-example call: each adapter named in ``batch_adapter_names`` → its rows of the batch."""
+        names = list(self.batch_adapter_names)
+        if self.merged_adapters:
+            raise DeltatuneError("Per-example adapters need unmerged weights; call unmerge_adapter() first.")
+        if len(names) != batch:
+            raise DeltatuneError(f"adapter_names has {len(names)} entries but the batch has {batch} examples.")
+        return {name: torch.tensor([i for i, n in enumerate(names) if n == name], device=device, dtype=torch.long)
+                for name in dict.fromkeys(names)}
+
 
 def check_shapes(where: str, expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> None:
     """Raise one clear sentence if ``state`` lacks a tensor or holds one of the wrong shape."""

@@ -75,12 +75,8 @@ class TrainedCopy(DeltaModule):
 
     def _forward_per_example(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Rows of the batch go through their own adapter's copy (the original for "__base__")."""
-        names = list(self.batch_adapter_names)
-        if self._merged or len(names) != x.shape[0]:
-            raise DeltatuneError("Per-example adapters need unmerged modules and one adapter name per example.")
         out = None
-        for name in dict.fromkeys(names):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+        for name, rows in self.rows_per_adapter(x.shape[0], x.device).items():
             part = (self.copies[name] if name in self.copies else self.base_layer)(x[rows], *args, **kwargs)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
