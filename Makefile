@@ -17,8 +17,10 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The main job on bundled defaults: every method on the same task, a table, results.json and
+# report.html in runs/compare/ (rerunning replaces only deltatune's own files there).
 demo: setup
-	$(BIN)/deltatune demo
+	$(BIN)/deltatune compare --output runs/compare --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -62,7 +62,8 @@ def test_sectioned_and_flat_files_build_the_same_run():
 
 def test_defaults_fill_what_is_not_given_and_null_means_the_default():
     run = build_run({**PATHS, "eval_data": None, "rank": None, "train": {"seed": None}})
-    assert run.method_name == "lora" and run.method == dt.LoRA() and run.train == TrainConfig()
+    assert run.method_name == "lora" and run.method == dt.LoRA()
+    assert run.train == TrainConfig(**dt.LoRA.training_defaults)  # the method's own defaults under the user's
     assert (run.eval_data, run.eval_fraction, run.dtype, run.trust_remote_code) == (None, 0.05, "auto", False)
 
 
@@ -139,7 +140,7 @@ def test_a_single_method_is_a_list_of_one_in_either_form():
     ({"methods": "lora"}, "methods must be a non-empty list"),
     ({"methods": [{"name": "lora", "learning_rate": 1e-3}]}, "'learning_rate' is a training setting.*under train"),
     ({"methods": [{"name": "lora", "output": "x"}]}, "'output' is a run setting.*top level"),
-    ({"methods": [{"name": "adapter"}]}, "Unknown method 'adapter'; choose one of: lora, prompt"),
+    ({"methods": [{"name": "bitfit"}]}, "Unknown method 'bitfit'; choose one of: lora, "),
 ])
 def test_methods_errors(settings, words):
     with pytest.raises(DeltatuneError, match=words):
@@ -196,7 +197,7 @@ def test_run_record_is_the_sectioned_form_with_every_setting():
     settings = build_run({**PATHS, "rank": 4, "max_steps": 7}).as_settings()
     assert list(settings) == [*RUN_DEFAULTS, "method", "train"]
     assert settings["method"] == {"name": "lora", **dataclasses.asdict(dt.LoRA(rank=4)), "modules_to_save": []}
-    assert settings["train"] == dataclasses.asdict(TrainConfig(max_steps=7))
+    assert settings["train"] == dataclasses.asdict(TrainConfig(**dt.LoRA.training_defaults, max_steps=7))
 
 
 # --- validation helpers --------------------------------------------------------------------

@@ -1,5 +1,7 @@
 import itertools
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -10,15 +12,26 @@ from deltatune.data import (
     ALPACA_PROMPT_NO_INPUT,
     IGNORE_INDEX,
     Example,
+    _token_losses,
     batch_indices,
+    check_packing,
     collate,
     epoch_order,
+    iter_examples,
     load_examples,
+    pack_examples,
+    packed_attention,
+    packed_attention_mask,
+    prompt_ids,
     split_examples,
     tokenize_example,
     tokenize_examples,
+    truncate_ids,
+    unpack_row,
 )
 from deltatune.errors import DeltatuneError
+
+from conftest import tiny_gpt2, tiny_llama
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 
@@ -209,3 +222,274 @@ def test_shared_advertisegen_file_loads():
         pytest.skip(f"{path} is not present: the shared AdvertiseGen data is needed for this test")
     examples = load_examples(path)
     assert len(examples) == 1070 and all(e.prompt and e.completion for e in examples)
+
+
+# --- streaming, E2E lines, chats -----------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture()
+def chat_tokenizer(tokenizer):
+    import copy
+
+    chatty = copy.deepcopy(tokenizer)
+    chatty.chat_template = CHAT_TEMPLATE
+    return chatty
+
+
+def test_reading_is_lazy_so_a_limit_never_reads_the_rest(tmp_path):
+    path = write(tmp_path, "data.jsonl", '{"text": "a"}\n{"text": "b"}\nnot json at all\n')
+    assert load_examples(path, limit=2) == [Example("", "a"), Example("", "b")]
+    stream = iter_examples(path)
+    assert next(stream) == Example("", "a")  # nothing past line 1 was parsed yet
+    with pytest.raises(DeltatuneError, match="line 3 is not valid JSON"):
+        list(stream)
+    with pytest.raises(DeltatuneError, match="limit must be a whole number"):
+        load_examples(path, limit=0)
+
+
+def test_line_numbers_count_leading_blank_lines_and_bad_utf8_names_the_line(tmp_path):
+    path = write(tmp_path, "data.jsonl", '\n\n{"text": "a"}\n{"text": 5}\n')
+    with pytest.raises(DeltatuneError, match=r"data\.jsonl line 4 has a int .*'completion'"):
+        load_examples(path)
+    raw = tmp_path / "latin1.jsonl"
+    raw.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DeltatuneError, match=r"latin1\.jsonl is not UTF-8 text \(near line 2\)"):
+        load_examples(raw)
+
+
+def test_e2e_lines_are_prompt_completion_pairs(tmp_path):
+    text = ("name : Alimentum | area : city centre||There is a place in the city centre . \n\n"
+            "name : Alimentum | area : city centre||Alimentum is in the city centre .\n")
+    examples = load_examples(write(tmp_path, "valid.txt", text))
+    assert examples == [
+        Example("name : Alimentum | area : city centre\n", "There is a place in the city centre ."),
+        Example("name : Alimentum | area : city centre\n", "Alimentum is in the city centre ."),
+    ]
+
+
+def test_a_malformed_e2e_line_names_file_and_line(tmp_path):
+    path = write(tmp_path, "e2e.txt", "name : A||A is here .\nname : B and no separator\n")
+    with pytest.raises(DeltatuneError, match=r"e2e\.txt line 2 is not an E2E line 'meaning representation\|\|text'"):
+        load_examples(path)
+    with pytest.raises(DeltatuneError, match=r"line 1 is not an E2E line"):
+        load_examples(write(tmp_path, "empty_text.txt", "name : A||   \n"))
+
+
+def test_shared_e2e_file_loads():
+    path = STORIES.parents[1] / "data" / "e2e" / "valid.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} is not present: the shared E2E data is needed for this test")
+    examples = load_examples(path)
+    assert len(examples) > 1000 and all(e.prompt.endswith("\n") and "||" not in e.completion for e in examples)
+
+
+def test_chat_records_keep_their_turns_and_the_last_answer(tmp_path):
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]}
+    [example] = load_examples(write(tmp_path, "chat.jsonl", json.dumps(record) + "\n"))
+    assert example.messages == (("user", "Hi"), ("assistant", "Hello."), ("user", "Bye"), ("assistant", "Goodbye."))
+    assert (example.prompt, example.completion) == ("", "Goodbye.")
+
+
+@pytest.mark.parametrize("messages, message", [
+    ("hello", r"chat\.jsonl line 1 has 'messages' that is not a non-empty list"),
+    ([], r"line 1 has 'messages' that is not a non-empty list"),
+    ([{"role": "user"}], r"line 1 has messages\[0\] = .* needs 'role' and 'content'"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": 7}],
+     r"line 1 has a int where text is expected \('messages\[1\]\.content'\)"),
+    ([{"role": "user", "content": "a"}], r"line 1 has no turn with role 'assistant'"),
+])
+def test_malformed_chat_records_name_file_line_and_field(tmp_path, messages, message):
+    path = write(tmp_path, "chat.jsonl", json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(DeltatuneError, match=message):
+        load_examples(path)
+
+
+def test_chat_is_rendered_by_the_template_and_learned_on_assistant_turns_only(chat_tokenizer):
+    turns = (("system", "Be kind."), ("user", "Hi there"), ("assistant", "Hello friend."), ("user", "Bye"),
+             ("assistant", "Goodbye."))
+    item = tokenize_example(Example("", "Goodbye.", turns), chat_tokenizer, max_length=512)
+    rendered = chat_tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
+    assert item["input_ids"] == chat_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    learned = [token for token, label in zip(item["input_ids"], item["labels"]) if label != IGNORE_INDEX]
+    assert chat_tokenizer.decode(learned) == "Hello friend.</s>\nGoodbye.</s>\n"
+    assert learned.count(chat_tokenizer.eos_token_id) == 2  # each answer learns to end its turn
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(item["input_ids"], item["labels"]))
+    # The prompt for generation is everything before the last answer, with the assistant header.
+    prompt = chat_tokenizer.decode(prompt_ids(Example("", "Goodbye.", turns), chat_tokenizer))
+    assert prompt == rendered[: rendered.rindex("Goodbye.")]
+
+
+def test_chat_without_a_template_is_one_clear_error(tokenizer):
+    example = Example("", "Hello.", (("user", "Hi"), ("assistant", "Hello.")))
+    with pytest.raises(DeltatuneError, match="has no chat template, so 'messages' records cannot be rendered"):
+        tokenize_example(example, tokenizer, max_length=512)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
+    chat_tokenizer.chat_template = "{{ messages | length }}:" + CHAT_TEMPLATE  # the turn count changes the start
+    example = Example("", "Hello.", (("user", "Hi"), ("assistant", "Hello.")))
+    with pytest.raises(DeltatuneError, match="does not render a conversation as the rendering of its first turns"):
+        tokenize_example(example, chat_tokenizer, max_length=512)
+
+
+# --- truncation policies -------------------------------------------------------------------
+
+
+def test_truncate_ids_by_policy_keeps_bos_on_the_left():
+    ids, labels = [1, 10, 11, 12, 13, 14], [-100, -100, 11, 12, 13, 14]
+    assert truncate_ids(ids, labels, 4, "right", 1) == ([1, 10, 11, 12], [-100, -100, 11, 12])
+    assert truncate_ids(ids, labels, 4, "left", 1) == ([1, 12, 13, 14], [-100, 12, 13, 14])
+    assert truncate_ids(ids[1:], labels[1:], 3, "left", 1) == ([12, 13, 14], [12, 13, 14])  # no BOS to keep
+    assert truncate_ids(ids, labels, 4, "skip", 1) is None
+    assert truncate_ids(ids, labels, 6, "skip", 1) == (ids, labels)  # fits: every policy keeps it whole
+
+
+def test_truncation_counts_are_reported_per_policy(tokenizer):
+    short, long = Example("Hi", " there."), Example("Once upon a time", " there was a very big cat in a house.")
+    limit = len(tokenize_example(short, tokenizer, 512)["input_ids"]) + 2
+    with pytest.warns(UserWarning, match=r"truncated 2 of 3 examples to max_length=\d+ \(cut at the start, "
+                                         r"truncate=left\)") as record:
+        kept = tokenize_examples([long, short, long], tokenizer, limit, truncate="left")
+    assert len(record) == 1 and len(kept) == 3
+    assert kept[0]["input_ids"][0] == tokenizer.bos_token_id and kept[0]["input_ids"][-1] == tokenizer.eos_token_id
+    with pytest.warns(UserWarning, match=r"skipped 2 of 3 examples longer than max_length"):
+        assert tokenize_examples([long, short, long], tokenizer, limit, truncate="skip") == [
+            tokenize_example(short, tokenizer, limit)]
+    with pytest.raises(DeltatuneError, match="truncate must be one of right, left, skip"):
+        tokenize_examples([short], tokenizer, limit, truncate="middle")
+
+
+# --- packing and length-grouped batches ----------------------------------------------------
+
+
+def test_pack_examples_fills_rows_best_fit_and_keeps_every_example_once():
+    items = [{"input_ids": [1] + [7] * (n - 1), "labels": [-100] + [7] * (n - 1)} for n in (5, 3, 6, 2, 4)]
+    rows = pack_examples(items, max_length=8)
+    assert [len(row["input_ids"]) for row in rows] == [8, 8, 4]  # 6+2, 5+3, 4
+    assert sorted(len(piece["input_ids"]) for row in rows for piece in unpack_row(row)) == [2, 3, 4, 5, 6]
+    assert rows[0]["position_ids"] == [0, 1, 2, 3, 4, 5, 0, 1]  # within a row, examples keep the data order
+    with pytest.raises(DeltatuneError, match="longer than max_length=4"):
+        pack_examples(items, max_length=4)
+
+
+def test_packed_rows_get_position_ids_and_a_block_diagonal_causal_mask():
+    rows = [{"input_ids": [1, 5, 1, 6, 7], "labels": [-100, 5, -100, 6, 7], "position_ids": [0, 1, 0, 1, 2]},
+            {"input_ids": [1, 8], "labels": [-100, 8], "position_ids": [0, 1]}]
+    batch = collate(rows, pad_token_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 3, 4]]  # padding continues, never restarts
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]  # its sum counts the tokens
+    mask = packed_attention_mask(batch["position_ids"], batch["attention_mask"].sum(-1).tolist())
+    allowed = mask[:, 0] == 0
+    expected_first = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0],
+                                   [0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(allowed[0], expected_first)
+    assert torch.equal(allowed[1][:2, :2], torch.tensor([[1, 0], [1, 1]], dtype=torch.bool))
+    assert not allowed[1][2:].any() and not allowed[1][:, 2:].any()  # padding attends to nothing
+    assert mask.dtype == torch.float32 and mask.min() == torch.finfo(torch.float32).min
+
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
+            seen["mask"] = attention_mask
+    probe = Probe()
+    with packed_attention(probe):
+        probe(**batch)
+        assert torch.equal(seen["mask"], mask)
+        unpacked = collate([{"input_ids": [1, 5], "labels": [-100, 5]}], 0)
+        probe(**unpacked)
+        assert torch.equal(seen["mask"], unpacked["attention_mask"])  # no position_ids: unchanged
+    probe(**batch)
+    assert seen["mask"].ndim == 2  # the hook is gone once the block ends
+
+
+def _per_example_losses(model, items):
+    """Each example's summed token loss, run alone."""
+    return torch.stack([_token_losses(model, collate([item], 0), torch.device("cpu"))[0].sum() for item in items])
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_a_packed_row_scores_each_example_as_it_scores_alone(build):
+    model = build()
+    generator = torch.Generator().manual_seed(0)
+    items = []
+    for n in (7, 4, 9, 3):
+        ids = [1] + torch.randint(3, 128, (n - 1,), generator=generator).tolist()
+        items.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+    [row] = pack_examples(items, max_length=23)
+    with torch.no_grad():
+        with packed_attention(model):
+            packed = _token_losses(model, collate([row], 0), torch.device("cpu"))[0]
+        alone = _per_example_losses(model, unpack_row(row))
+    starts = [k for k, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+    together = torch.stack([packed[a:b - 1].sum() for a, b in zip(starts, starts[1:])])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)  # fp32 sums over different shapes
+    check_packing(model, [row], pad_token_id=0)  # the guard the runner uses agrees
+
+
+def test_check_packing_refuses_a_model_that_ignores_the_mask():
+    from torch import nn
+
+    class NoMask(nn.Module):  # a causal LM that drops attention_mask: packed examples would see each other
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_llama()
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return self.inner(input_ids=input_ids)
+
+    row = pack_examples([{"input_ids": [1, 5, 6, 7], "labels": [-100, 5, 6, 7]},
+                         {"input_ids": [1, 9, 10], "labels": [-100, 9, 10]}], max_length=8)
+    with pytest.raises(DeltatuneError, match="scores packed examples differently .*set packing=false"):
+        check_packing(NoMask(), row, pad_token_id=0)
+
+
+def test_length_grouped_batches_are_resumable_epochs_with_little_padding():
+    lengths = [int(x) for x in torch.randint(1, 200, (300,), generator=torch.Generator().manual_seed(1))]
+    grouped = list(itertools.islice(batch_indices(300, 6, seed=3, lengths=lengths), 120))
+    for start in (0, 7, 50, 99):
+        assert list(itertools.islice(batch_indices(300, 6, seed=3, start_batch=start, lengths=lengths),
+                                     120 - start)) == grouped[start:]
+    stream = list(itertools.chain.from_iterable(grouped))
+    assert sorted(stream[:300]) == list(range(300)) and sorted(stream[300:600]) == list(range(300))
+    plain = list(itertools.islice(batch_indices(300, 6, seed=3), 50))
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert padding(grouped[:50]) < padding(plain) / 5
+
+
+def test_check_packing_refuses_a_method_that_widens_the_mask_itself():
+    import deltatune as dt
+
+    model = dt.wrap(tiny_llama(), dt.PromptTuning(num_virtual_tokens=2))
+    row = pack_examples([{"input_ids": [1, 5, 6, 7], "labels": [-100, 5, 6, 7]},
+                         {"input_ids": [1, 9, 10], "labels": [-100, 9, 10]}], max_length=8)
+    with pytest.raises(DeltatuneError, match="packing needs a model that takes a 4D attention mask"):
+        check_packing(model, row, pad_token_id=0)
+
+
+def test_a_run_truncates_and_packs_as_configured(tmp_path, capsys):
+    from deltatune.config import build_run
+    from deltatune.pretrained import bundled
+    from deltatune.runner import run_training
+
+    settings = {"model": str(bundled("stories260K")), "data": str(bundled("e2e/train.jsonl")),
+                "eval_data": str(bundled("e2e/eval.jsonl")), "output": str(tmp_path / "run"), "max_steps": 2,
+                "batch_size": 2, "max_length": 200, "eval_every": 0, "packing": True, "truncate": "left"}
+    run = build_run(settings)
+    assert (run.packing, run.truncate) == (True, "left")
+    result = run_training(run, progress=False)
+    printed = capsys.readouterr().out
+    assert re.search(r"packed 1475 training examples into \d+ rows of at most 200 tokens", printed)
+    assert re.search(r"truncated \d+ of 1475 examples to max_length=200 \(cut at the start, truncate=left\)", printed)
+    assert "truncate: left" in (tmp_path / "run" / "deltatune_run.yaml").read_text()
+    assert result.tokens_per_s > 0 and math.isfinite(result.train_loss)
+    with pytest.raises(DeltatuneError, match="truncate 'middle' is unknown: use one of right, left, skip"):
+        build_run({**settings, "truncate": "middle"})
+    with pytest.raises(DeltatuneError, match="packing must be true or false"):
+        build_run({**settings, "packing": "yes"})

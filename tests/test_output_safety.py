@@ -90,3 +90,22 @@ def test_the_same_settings_give_the_same_adapter_bit_for_bit(tmp_path):
         assert train_into(tmp_path / run, data_file, "targets=all-linear", "seed=5") == 0
     first, second = (load_file(str(tmp_path / run / "adapter_model.safetensors")) for run in ("first", "second"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Temporary names are created private (0600/0700); what lands must have the mode a plain
+    open() or mkdir() gives under the user's umask, so teammates can read a shared run."""
+    import os
+    import stat
+
+    from deltatune.atomic import atomic_directory, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_directory(tmp_path / "folder") as staging:
+            (staging / "inside.txt").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755

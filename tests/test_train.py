@@ -291,3 +291,24 @@ def test_stories260k_learns_a_file_of_examples_end_to_end(tmp_path):
     result = train(model, examples, examples, settings, tmp_path / "run", pad_token_id=tokenizer.eos_token_id,
                    save_model=save_trainable, progress=False)
     assert result.eval_losses[-1][1] < 0.5 * before
+
+
+def test_group_by_length_trains_on_batches_of_similar_length(tmp_path):
+    """group_by_length changes only the batch order: every example is still seen once an epoch,
+    and batches hold less padding than seeded random batches."""
+    from deltatune.data import batch_indices
+
+    lengths = [3 + (7 * i) % 50 for i in range(64)]
+    plain = batch_indices(64, 8, seed=0)
+    grouped = batch_indices(64, 8, seed=0, lengths=lengths)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch) for batch in batches)
+
+    first_plain = [next(plain) for _ in range(8)]
+    first_grouped = [next(grouped) for _ in range(8)]
+    assert sorted(i for batch in first_grouped for i in batch) == list(range(64))
+    assert padding(first_grouped) < padding(first_plain) / 2
+    assert TrainConfig(group_by_length=True).group_by_length is True
+    with pytest.raises(DeltatuneError, match="group_by_length"):
+        TrainConfig(group_by_length="yes")

@@ -9,11 +9,19 @@
     with dt.disabled(model): ...                   # base behaviour
 """
 
+import logging
+
+# torchao (QLoRA's NF4) is imported by transformers itself as soon as it is installed; its
+# start-up messages (CUDA kernels it cannot load here, a torch deprecation) are not the user's concern
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
 from deltatune.errors import DeltatuneError
-from deltatune.methods import (METHODS, DeltaModule, FreezeTuning, FullFineTuning, LoRA, Method, PrefixTuning,
-                               PromptTuning, PTuning, PTuningV2)
+from deltatune.methods import (METHODS, Adapter, DeltaModule, FreezeTuning, FullFineTuning, LoRA, Method, PrefixTuning,
+                               PromptTuning, PTuning, PTuningV2, QLoRA)
 from deltatune.model import DeltaModel, disabled, merge, trainable_parameters, wrap
 from deltatune.combine import add_weighted_adapter
+from deltatune.methods.composition import Composition
 from deltatune.methods.p_tuning import label_loss, label_scores
 from deltatune.peft_format import load_adapter, save_adapter
 
@@ -24,6 +32,6 @@ DeltaModel.writer = staticmethod(save)  # model.py knows no file format; saving 
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "DeltaModel", "add_weighted_adapter", "DeltaModule", "DeltatuneError", "FreezeTuning", "FullFineTuning", "LoRA", "Method", "PTuning", "PTuningV2", "PrefixTuning", "PromptTuning",
+    "METHODS", "Adapter", "Composition", "DeltaModel", "add_weighted_adapter", "DeltaModule", "DeltatuneError", "FreezeTuning", "FullFineTuning", "LoRA", "Method", "PTuning", "PTuningV2", "PrefixTuning", "PromptTuning", "QLoRA",
     "disabled", "label_loss", "label_scores", "load_adapter", "merge", "save", "save_adapter", "trainable_parameters", "wrap",
 ]

@@ -12,6 +12,14 @@ from typing import Iterator
 from deltatune.errors import DeltatuneError
 
 
+def _usual_mode(path: Path, directory: bool) -> None:
+    """Give a temporary file or folder (created private, 0600/0700) the mode a plain ``open`` or
+    ``mkdir`` would have given it under the user's umask, before it takes its final name."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``target`` in one rename.
@@ -25,6 +33,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
+        _usual_mode(staging, directory=True)
         if target.exists():
             retired = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, retired)
@@ -46,6 +55,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _usual_mode(Path(tmp), directory=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,7 +73,8 @@ OWN_FILES = frozenset({
     "adapter_config.json", "adapter_model.safetensors", "adapter_training_state.safetensors",
     "deltatune_method.json", "deltatune_run.yaml", "metrics.jsonl", "config.json", "generation_config.json",
     "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-    "tokenizer.model", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json",
+    "tokenizer.model", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json", "labels.json",
+    "deltatune_composition.json",
 })
 
 

@@ -20,7 +20,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from deltatune.runner import run_training
 
     flags = {"model": args.model, "data": args.data, "eval_data": args.eval_data, "method": args.method,
-             "output": args.output, "max_steps": args.max_steps}
+             "output": args.output, "max_steps": args.max_steps, "task": args.task}
     run = build_run(merge_settings(read_yaml(args.config) if args.config else {},
                                    {k: v for k, v in flags.items() if v is not None},
                                    parse_overrides(args.overrides)))
@@ -32,32 +32,135 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    import deltatune as dt
     from deltatune.atomic import check_output_folder, files_into
-    from deltatune.pretrained import load_causal_lm, load_tokenizer
+    from deltatune.merge_report import merge_with_report, prompt_ids
+    from deltatune.pretrained import load_trained, write_labels
 
     check_output_folder(args.output, overwrite=args.overwrite, reads=(args.model, args.adapter))
-    model = dt.load_adapter(load_causal_lm(args.model, args.dtype, args.trust_remote_code), args.adapter)
-    merged = dt.merge(model)
+    model, tokenizer, task, labels = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code)
+    load_base = lambda: load_trained(args.model, None, args.dtype, args.trust_remote_code, task=task)[0]
+    merged, report = merge_with_report(model, args.adapter, load_base, prompt_ids(tokenizer))  # dt.merge, measured
     with files_into(args.output) as staging:
         merged.save_pretrained(staging)
-        load_tokenizer(args.model, args.trust_remote_code).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if labels is not None:
+            write_labels(staging, labels)
     print(f"merged model written to {args.output}")
+    for difference in report:
+        print(difference.line())
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import deltatune as dt
     from deltatune.generation import generate_text
-    from deltatune.pretrained import load_causal_lm, load_tokenizer
+    from deltatune.predict import generate_seq2seq
+    from deltatune.pretrained import load_trained
 
-    model = load_causal_lm(args.model, args.dtype, args.trust_remote_code)
-    if args.adapter:
-        model = dt.load_adapter(model, args.adapter)
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    model, tokenizer, task, _ = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code)
+    if task == "classification":
+        raise DeltatuneError(f"{args.adapter or args.model} is a classifier, which generates no text; "
+                             "use deltatune predict --data FILE --output FILE.jsonl instead.")
     prompt = args.prompt.encode("utf-8").decode("unicode_escape") if args.escapes else args.prompt
-    [text] = generate_text(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens,
-                           do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
+    sampling = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
+                "temperature": args.temperature or 1.0}
+    if task == "seq2seq":  # the decoder writes a new text: print it alone
+        print(generate_seq2seq(model, tokenizer, [prompt], **sampling)[0])
+        return
+    [text] = generate_text(model, tokenizer, [prompt], **sampling)
     print(prompt + text)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from deltatune.predict import accuracy, predict_labels, trained_settings, write_jsonl
+    from deltatune.pretrained import load_trained
+    from deltatune.task_data import load_classification_records
+
+    model, tokenizer, task, labels = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code)
+    if task != "classification":
+        raise DeltatuneError(f"{args.adapter or args.model} is a {task} model, not a classifier; "
+                             "use deltatune generate for text.")
+    trained = trained_settings(args.adapter or args.model)  # columns and max_length default to the run's own
+    columns = {key: getattr(args, key) or trained.get(key) for key in ("text_column", "text_pair_column")}
+    records = load_classification_records(args.data, **columns, label_column=args.label_column or trained.get(
+        "label_column"), require_labels=args.label_column is not None)  # else labels, when present, give accuracy
+    max_length = args.max_length or trained.get("train", {}).get("max_length") or 512
+    rows = predict_labels(model, tokenizer, records, labels, batch_size=args.batch_size, max_length=max_length)
+    write_jsonl(rows, args.output)
+    share = accuracy(rows)
+    print(json.dumps({"output": args.output, "examples": len(rows),
+                      "accuracy": None if share is None else round(share, 4)}))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from deltatune.data import load_examples
+    from deltatune.evaluation import evaluate, infer_task, is_chinese
+    from deltatune.pretrained import load_trained
+
+    model, tokenizer, task, head_labels = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code)
+    if task in ("classification", "seq2seq"):
+        _eval_task_model(args, model, tokenizer, task, head_labels)
+        return
+    examples = load_examples(args.data, limit=args.limit)
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
+    eval_task = args.task or infer_task(examples, labels)
+    chinese = eval_task == "generation" and is_chinese([example.completion for example in examples])
+    torch.manual_seed(args.seed)  # sampling (--temperature > 0) repeats run to run
+    with warnings.catch_warnings(record=True) as caught:  # e.g. how many examples max_length cut
+        warnings.simplefilter("always", UserWarning)
+        metrics = evaluate(model, tokenizer, examples, task=eval_task, labels=labels,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_length=args.max_length,
+                           do_sample=args.temperature > 0, temperature=args.temperature or 1.0, chinese=chinese)
+    for warning in caught:
+        if issubclass(warning.category, UserWarning) and not issubclass(warning.category, FutureWarning):
+            print(f"deltatune: warning: {warning.message}", file=sys.stderr)
+    notes = {"accuracy": "label with the highest log-likelihood after the prompt", "f1": "macro over the labels",
+             "bleu": "sacrebleu corpus BLEU, tokenize=" + ("zh: Chinese, by characters" if chinese else "13a"),
+             "rouge_l": "rouge-score ROUGE-L F, best reference per prompt" + (
+                 ", over characters (Chinese)" if chinese else ""),
+             "loss": "mean cross-entropy per completion token", "perplexity": "exp(loss)",
+             "examples": f"records in {args.data}" + (f", {len({e.prompt for e in examples})} distinct prompts"
+                                                      if eval_task == "generation" and not any(
+                                                          e.messages for e in examples) else "")}
+    _show_metrics(metrics, notes, args.json)
+
+
+def _eval_task_model(args: argparse.Namespace, model: Any, tokenizer: Any, task: str, head_labels: Any) -> None:
+    """``deltatune eval`` for a classification head or an encoder-decoder, on that task's records."""
+    from deltatune.evaluation import evaluate_classifier, evaluate_seq2seq, is_chinese
+    from deltatune.task_data import load_classification_records, load_seq2seq_records
+
+    if args.limit is not None and args.limit < 1:
+        raise DeltatuneError(f"limit must be a whole number of at least 1, got {args.limit}: pass e.g. --limit 100")
+    if task == "classification":
+        records = load_classification_records(args.data)[:args.limit]
+        metrics = evaluate_classifier(model, tokenizer, records, head_labels, batch_size=args.batch_size,
+                                      max_length=args.max_length)
+        notes = {"accuracy": "the classification head's most probable label", "f1": "macro over the labels",
+                 "examples": f"records in {args.data}"}
+    else:
+        records = load_seq2seq_records(args.data)[:args.limit]
+        chinese = is_chinese([record.target for record in records])
+        metrics = evaluate_seq2seq(model, tokenizer, records, max_new_tokens=args.max_new_tokens,
+                                   batch_size=args.batch_size, max_length=args.max_length,
+                                   do_sample=args.temperature > 0, temperature=args.temperature or 1.0, chinese=chinese)
+        notes = {"bleu": "sacrebleu corpus BLEU, tokenize=" + ("zh: Chinese, by characters" if chinese else "13a"),
+                 "rouge_l": "rouge-score ROUGE-L F, best reference per source" + (
+                     ", over characters (Chinese)" if chinese else ""),
+                 "loss": "mean cross-entropy per target token", "perplexity": "exp(loss)",
+                 "examples": f"records in {args.data}, {len({r.source for r in records})} distinct sources"}
+    _show_metrics(metrics, notes, args.json)
+
+
+def _show_metrics(metrics: dict[str, Any], notes: dict[str, str], json_path: str | None) -> None:
+    from deltatune.atomic import atomic_write_text
+
+    for key, value in metrics.items():
+        shown = (f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4e}") if isinstance(value, float) else str(value)
+        print(f"{key:<11} {shown:>10}  {notes[key]}")
+    if json_path:
+        finite = {key: (value if math.isfinite(value) else None) for key, value in metrics.items()}
+        atomic_write_text(json_path, json.dumps(finite, indent=2) + "\n")
 
 
 INFO_KEYS = {  # peft config keys worth showing, in order, for whichever method wrote them
@@ -66,17 +169,28 @@ INFO_KEYS = {  # peft config keys worth showing, in order, for whichever method 
     "prompt encoder", "num_layers": "layers", "modules_to_save": "trained in full",
     "deltatune_template": "template", "deltatune_verbalizer": "verbalizer",
     "deltatune_encoder_prefix": "encoder prefix", "deltatune_cross_prefix": "cross-attention prefix",
+    "deltatune_quantized_base": "quantised base",
+    "preset": "preset", "bottleneck_size": "bottleneck size", "reduction_factor": "reduction factor",
+    "activation": "activation", "scale": "scale", "layer_norm": "inner layer norm", "layers": "adapted layers",
+    "trainable_layers": "trainable layers", "modules": "named modules", "trained_modules": "trained modules",
 }
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from deltatune.peft_format import TRAINING_STATE_NAME, read_adapter_folder, read_method_description
+    from deltatune.peft_format import TRAINING_STATE_NAME, read_adapter_folder, read_composition, read_method_description
     from deltatune.runner import RUN_RECORD
 
     folder = Path(args.adapter)
+    parts = read_composition(folder)
+    if parts is not None:  # a composition: one adapter folder per part, shown in turn
+        print(f"composition  {' + '.join(parts)} (active together, in this order; one adapter folder each)")
+        for part in parts:
+            print(f"\n[{part}]  {folder / part}")
+            cmd_info(argparse.Namespace(**{**vars(args), "adapter": str(folder / part)}))
+        return
     described = read_method_description(args.adapter) or {}
     if described and not (folder / "adapter_config.json").exists() and (folder / "config.json").is_file():
-        _model_folder_info(folder, described)  # full or freeze tuning: a whole model folder
+        _model_folder_info(folder, described)  # full fine-tuning: a whole model folder
         return
     config, tensors = read_adapter_folder(args.adapter)
     rows: dict[str, Any] = {"method": f"{config.get('peft_type')}" + (f" ({described['method']})" if described else "")}
@@ -117,6 +231,32 @@ def _model_folder_info(folder: Path, described: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def cmd_extract(args: argparse.Namespace) -> None:
+    from deltatune.extract import extract_folder
+
+    for line in extract_folder(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy,
+                               include_other=args.include_other, overwrite=args.overwrite,
+                               trust_remote_code=args.trust_remote_code):
+        print(line)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from deltatune.compare import bundled_settings, compare, parse_methods, split_method_options
+    from deltatune.config import merge_settings, parse_overrides, read_yaml
+
+    methods = parse_methods(args.methods)
+    shared, per_method = split_method_options(parse_overrides(args.overrides), methods)
+    defaults = bundled_settings()
+    if args.data or args.model:  # the bundled held-out file belongs to the bundled data only
+        defaults.pop("eval_data")
+    flags = {"model": args.model, "data": args.data, "eval_data": args.eval_data, "output": args.output,
+             "max_steps": args.max_steps}
+    settings = merge_settings(defaults, read_yaml(args.config) if args.config else {},
+                              {k: v for k, v in flags.items() if v is not None}, shared)
+    compare(settings, methods, per_method, overwrite=args.overwrite, progress=not args.quiet,
+            eval_examples=args.eval_examples, max_new_tokens=args.max_new_tokens)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from deltatune.demo import run_demo
 
@@ -130,10 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train an adapter; the output folder is a peft adapter",
                                 description="Settings: --config YAML, then flags, then key=value overrides "
                                             "(e.g. rank=16 learning_rate=1e-3 targets=[q_proj,v_proj]).")
-    train.add_argument("--model", help="local Hugging Face model folder")
+    train.add_argument("--model", help="local Hugging Face model folder, or a .gguf file")
     train.add_argument("--data", help="JSONL (prompt/completion or text) or an Alpaca JSON array")
     train.add_argument("--eval-data", dest="eval_data", help="held-out data (default: a seeded split of --data)")
     train.add_argument("--method", help="tuning method (default: lora)")
+    train.add_argument("--task", help="causal-lm, classification or seq2seq (default: from the model's config, else "
+                                      "causal-lm); see docs/tasks.md")
     train.add_argument("--output", help="output folder: adapter, run config, metrics, checkpoints")
     train.add_argument("--max-steps", dest="max_steps", type=int)
     train.add_argument("--config", help="YAML file of settings")
@@ -161,7 +303,47 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--escapes", action="store_true", help="read \\n and \\t in --prompt as escapes")
     generate.set_defaults(func=cmd_generate)
 
-    for sub in (merge, generate):
+    evaluation = commands.add_parser(
+        "eval", help="score a model on data: accuracy/F1, BLEU/ROUGE-L, loss/perplexity",
+        description="The task follows the data: --labels makes it classification (each completion is a label; the "
+                    "most likely label after the prompt is the prediction); prompt/completion, E2E MR||text and "
+                    "AdvertiseGen data are generation (BLEU, ROUGE-L; examples sharing a prompt are one item with "
+                    "several references); plain text is scored by loss and perplexity only. A classifier (accuracy, "
+                    "F1) or an encoder-decoder (BLEU, ROUGE-L, loss) reads its own task's records.")
+    evaluation.add_argument("--model", required=True)
+    evaluation.add_argument("--adapter")
+    evaluation.add_argument("--data", required=True, help="data in any training format (JSONL, JSON array, MR||text)")
+    evaluation.add_argument("--json", help="also write the metrics to this file as one JSON object")
+    evaluation.add_argument("--labels", help="comma-separated label words (classification), e.g. positive,negative")
+    evaluation.add_argument("--task", choices=("classification", "generation", "lm"), help="default: from the data")
+    evaluation.add_argument("--limit", type=int, help="score the first N records only")
+    evaluation.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+    evaluation.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    evaluation.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    evaluation.add_argument("--batch-size", dest="batch_size", type=int, default=16)
+    evaluation.add_argument("--max-length", dest="max_length", type=int, default=1024,
+                            help="tokens per example for the loss (cut from the right)")
+    evaluation.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    evaluation.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
+                            help="run the model folder's own Python code (only for folders you trust)")
+    evaluation.set_defaults(func=cmd_eval)
+
+    predict = commands.add_parser("predict", help="classify records: a JSON line per record with the predicted "
+                                  "label and every label's probability")
+    predict.add_argument("--model", required=True, help="the base model folder (or a trained classifier folder)")
+    predict.add_argument("--adapter", help="the output folder of a classification run")
+    predict.add_argument("--data", required=True, help="TSV, CSV or JSONL records (text, optional text_pair, "
+                                                      "optional label: then the accuracy is printed)")
+    predict.add_argument("--output", required=True, help="JSONL file to write")
+    predict.add_argument("--text-column", dest="text_column", help="default: the run's own, else text or sentence")
+    predict.add_argument("--text-pair-column", dest="text_pair_column")
+    predict.add_argument("--label-column", dest="label_column", help="default: the run's own, else label (optional)")
+    predict.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    predict.add_argument("--max-length", dest="max_length", type=int,
+                         help="cut texts to this many tokens (default: the run's max_length, else 512)")
+    predict.set_defaults(func=cmd_predict)
+
+    for sub in (merge, generate, predict):
         sub.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
         sub.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
                          help="run the model folder's own Python code (only for folders you trust)")
@@ -169,6 +351,49 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="method, rank, targets, size and base model of an adapter")
     info.add_argument("adapter")
     info.set_defaults(func=cmd_info)
+
+    extract = commands.add_parser(
+        "extract", help="turn a fine-tuned model (or a mergeable adapter) into a LoRA adapter by truncated SVD",
+        description="Each changed linear weight's difference dW = U S V^T becomes B = U_r S_r^(1/2), "
+                    "A = S_r^(1/2) V_r^T with alpha = r (scale 1); see docs/extract.md.")
+    extract.add_argument("--base", required=True, help="the base model folder the tuned model was fine-tuned from")
+    extract.add_argument("--tuned", required=True, help="a fully fine-tuned model folder, or an adapter folder of a "
+                                                        "mergeable method (lora, freeze): merged onto --base first")
+    keep = extract.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--rank", type=int, help="directions kept in every layer (fewer where a layer has fewer)")
+    keep.add_argument("--energy", type=float, help="per layer, the fewest directions keeping this share of "
+                                                   "the squared singular values, e.g. 0.9")
+    extract.add_argument("--output", required=True, help="folder for the LoRA adapter (peft format)")
+    extract.add_argument("--include-other", dest="include_other", action="store_true",
+                         help="also save tensors that differ but are not linear weights (norms, embeddings, biases)")
+    extract.add_argument("--overwrite", action="store_true",
+                         help="write into an --output that holds files, replacing same-named files (others are kept)")
+    extract.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
+                         help="run the model folder's own Python code (only for folders you trust)")
+    extract.set_defaults(func=cmd_extract)
+
+    compare = commands.add_parser(
+        "compare", help="train every method on one task and compare them: a table, results.json and report.html",
+        description="With no arguments: every method on the bundled E2E data with the bundled stories260K model. "
+                    "key=value settings are shared by every run (batch_size=8); method.key=value goes to one "
+                    "method only (lora.rank=16, prefix.num_virtual_tokens=20).")
+    compare.add_argument("--model", help="local Hugging Face model folder (default: the bundled stories260K)")
+    compare.add_argument("--data", help="training data (default: the bundled E2E sample)")
+    compare.add_argument("--eval-data", dest="eval_data", help="held-out data (default: a seeded split of --data)")
+    compare.add_argument("--methods", help="comma-separated methods (default: every method)")
+    compare.add_argument("--max-steps", dest="max_steps", type=int, help="steps per method (default 100)")
+    compare.add_argument("--output", help="folder for results.json, report.html and one run folder per method")
+    compare.add_argument("--eval-examples", dest="eval_examples", type=int, default=64,
+                         help="held-out examples scored with the task's metric: BLEU/ROUGE-L or accuracy/F1 "
+                              "(default 64; 0 skips; the held-out loss always uses them all)")
+    compare.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64,
+                         help="tokens generated per held-out prompt for BLEU and ROUGE-L (default 64)")
+    compare.add_argument("--config", help="YAML file of shared settings")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="write into an --output that holds files, replacing deltatune's own (others are kept)")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.add_argument("overrides", nargs="*", metavar="key=value")
+    compare.set_defaults(func=cmd_compare)
 
     demo = commands.add_parser("demo", help="the main job on bundled defaults: LoRA on E2E with stories260K")
     demo.add_argument("--output", default="runs/demo")

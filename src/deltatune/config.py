@@ -17,6 +17,12 @@ sharing the run keys and ``train``; an entry's own ``train:`` wins over the shar
 later ``train.KEY=...`` override), and each method's run writes to ``output/<name>``. Values are
 YAML: ``targets=[q_proj,v_proj]``, ``rank=16``, ``bf16=true``; ``null`` means the default.
 
+A method name joining registered names with ``+`` (``prefix+adapter``) is a composition: the
+parts train together in one run (methods/composition.py). Each part's options carry its name,
+``prefix.num_virtual_tokens=20 adapter.preset=parallel`` (or ``method: {name: prefix+adapter,
+prefix: {num_virtual_tokens: 20}}``); the run has one learning rate, from ``train`` or else the
+first part's training default.
+
 ``merge_settings`` turns any mix of these forms into one normalised mapping; ``build_runs``
 validates that into one ``RunConfig`` per method.
 """
@@ -33,11 +39,13 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
+from deltatune.data import TRUNCATE_POLICIES
 from deltatune.errors import DeltatuneError
 from deltatune.methods import METHODS, Method, method_class
+from deltatune.methods.composition import Composition
 from deltatune.plain_data import plain_data
 from deltatune.train import TrainConfig
-from deltatune.validation import require_bool, require_number
+from deltatune.validation import require_bool, require_choice, require_number
 
 RUN_DEFAULTS: dict[str, Any] = {
     "model": None,
@@ -47,6 +55,17 @@ RUN_DEFAULTS: dict[str, Any] = {
     "eval_fraction": 0.05,
     "dtype": "auto",
     "trust_remote_code": False,
+    # the task (causal-lm, classification, seq2seq; null: from the model's config) and, for
+    # classification, the columns and label list (null: found by name, labels sorted) — see task_data
+    "task": None,
+    "text_column": None,
+    "text_pair_column": None,
+    "label_column": None,
+    "labels": None,
+    # how examples longer than max_length are cut (right, left) or skipped, and whether short
+    # examples are packed into full rows (attention kept inside each example) — see data
+    "truncate": "right",
+    "packing": False,
 }
 DEFAULT_METHOD = "lora"
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -58,17 +77,24 @@ class RunConfig:
     data: str
     output: str
     method_name: str
-    method: Method
+    method: Method | Composition
     train: TrainConfig
     eval_data: str | None = None
     eval_fraction: float = 0.05
     dtype: str = "auto"
     trust_remote_code: bool = False
+    task: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    labels: tuple[str | int, ...] | None = None
+    truncate: str = "right"
+    packing: bool = False
 
     def as_settings(self) -> dict[str, Any]:
         """Every setting of the run, in the normalised sectioned form ``build_run`` reads back."""
         run_keys = {key: getattr(self, key) for key in RUN_DEFAULTS}
-        method = {"name": self.method_name, **dataclasses.asdict(self.method)}
+        method = {"name": self.method_name, **self.method.describe()}
         return plain_data({**run_keys, "method": method, "train": dataclasses.asdict(self.train)})
 
     def to_yaml(self) -> str:
@@ -132,9 +158,13 @@ def _routed(key: str, value: Any) -> Iterator[tuple[tuple[str, ...], Any, str]]:
     """(path in the normalised mapping, value, the key as the user wrote it) for one top-level key."""
     section, dot, rest = key.partition(".")
     if dot:
+        if section in METHODS:  # one part's option in a composition: prefix.num_virtual_tokens
+            yield ("method", key), value, key
+            return
         if section not in ("method", "train"):
             raise DeltatuneError(f"Setting {key!r} names no section; dotted keys start with method. or train. "
-                                 f"(like method.rank or train.learning_rate).")
+                                 f"(like method.rank or train.learning_rate), or with a method's name for one part "
+                                 f"of a composition (like prefix.num_virtual_tokens).")
         key, value = section, {rest: value}
     if key == "methods":
         yield ("methods",), _method_list(value), key
@@ -244,15 +274,43 @@ def _build_one(run_keys: Mapping[str, Any], shared_train: Mapping[str, Any], nam
     """One run: the method's own ``train`` settings win over the shared ones."""
     method_settings = {key: value for key, value in section.items() if key not in ("name", "train")}
     eval_data, eval_fraction = run_keys["eval_data"], _coerce("eval_fraction", run_keys["eval_fraction"], 0.05)
+    method = _method_config(name, method_settings)
     return RunConfig(
         model=str(run_keys["model"]), data=str(run_keys["data"]), output=str(run_keys["output"]),
-        method_name=name, method=_method_config(name, method_settings),
-        train=_train_config({**method_class(name).training_defaults, **shared_train, **_given(section.get("train", {}))}),
+        method_name=name, method=method,
+        train=_train_config({**method.training_defaults, **shared_train, **_given(section.get("train", {}))}),
         eval_data=None if eval_data is None else str(eval_data),
         eval_fraction=require_number("eval_fraction", eval_fraction, minimum=0, below=1),
         dtype=str(run_keys["dtype"]),
         trust_remote_code=require_bool("trust_remote_code", run_keys["trust_remote_code"]),
+        **_task_settings(run_keys),
+        truncate=require_choice("truncate", run_keys["truncate"], TRUNCATE_POLICIES),
+        packing=require_bool("packing", run_keys["packing"]),
     )
+
+
+def _task_settings(run_keys: Mapping[str, Any]) -> dict[str, Any]:
+    """``task``, the classification columns and ``labels``, checked."""
+    from deltatune.pretrained import TASKS
+
+    task = run_keys["task"]
+    if task is not None and task not in TASKS:
+        raise DeltatuneError(f"task {task!r} is unknown: use one of {', '.join(TASKS)} (or leave it out to read it "
+                             "from the model's config).")
+    columns = {key: run_keys[key] for key in ("text_column", "text_pair_column", "label_column")}
+    for key, value in columns.items():
+        if value is not None and not isinstance(value, str):
+            raise DeltatuneError(f"{key} must be a column name, got {value!r}: fix the config")
+    labels = run_keys["labels"]
+    if labels is not None:
+        if isinstance(labels, str):
+            labels = [label.strip() for label in labels.split(",")]
+        if not isinstance(labels, (list, tuple)) or len(labels) < 2 or not all(
+                isinstance(label, (str, int)) and not isinstance(label, bool) for label in labels):
+            raise DeltatuneError(f"labels must list at least two labels like [negative, positive], got {labels!r}: "
+                                 "fix the config")
+        labels = tuple(labels)
+    return {"task": task, **columns, "labels": labels}
 
 
 def _train_config(settings: Mapping[str, Any]) -> TrainConfig:
@@ -266,8 +324,12 @@ def _train_config(settings: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(**{key: _coerce(key, value, defaults[key]) for key, value in settings.items()})
 
 
-def _method_config(name: str, settings: Mapping[str, Any]) -> Method:
+def _method_config(name: str, settings: Mapping[str, Any]) -> Method | Composition:
+    if "+" in name:
+        return _composition_config(name, settings)
     method_cls = method_class(name)
+    own = f"{name}."  # the method's own name as a namespace (adapter.preset with method adapter) is allowed
+    settings = {key[len(own):] if key.startswith(own) else key: value for key, value in settings.items()}
     fields = {f.name: f for f in dataclasses.fields(method_cls)}
     unknown = sorted(set(settings) - set(fields))
     if unknown:
@@ -280,7 +342,38 @@ def _method_config(name: str, settings: Mapping[str, Any]) -> Method:
         raise DeltatuneError(f"Method settings are not valid: {error}.") from None
 
 
+def _composition_config(name: str, settings: Mapping[str, Any]) -> Composition:
+    """``prefix+adapter``: each part built from the settings that carry its name."""
+    parts = name.split("+")
+    if not all(parts):
+        raise DeltatuneError(f"Method {name!r} has an empty part; join method names with '+', like prefix+adapter.")
+    for part in parts:
+        method_class(part)
+    repeated = sorted({part for part in parts if parts.count(part) > 1})
+    if repeated:
+        raise DeltatuneError(f"Method {name!r} names {repeated[0]} twice; one run composes different methods "
+                             "(two adapters of one method compose in Python: add_adapter, then set_adapter([a, b])).")
+    per_part: dict[str, dict[str, Any]] = {part: {} for part in parts}
+    for key, value in settings.items():
+        head, dot, rest = key.partition(".")
+        if dot and head in per_part:
+            per_part[head][rest] = value
+        elif key in per_part and isinstance(value, Mapping):
+            per_part[key].update(value)
+        elif head in METHODS:
+            raise DeltatuneError(f"Setting {key!r} is for method {head}, which is not part of {name}; "
+                                 f"drop it or add {head} to the method.")
+        else:
+            raise DeltatuneError(f"Setting {key!r} does not say which part of {name} it is for; prefix it with the "
+                                 f"method's name, like {parts[0]}.{key}={value}.")
+    return Composition(tuple((part, _method_config(part, _given(per_part[part]))) for part in parts))
+
+
 def _unknown_method_key(key: str, name: str, method_keys: list[str]) -> str:
+    head, dot, _ = key.partition(".")
+    if dot and head in METHODS:
+        return (f"{key!r} is an option of method {head}, but the run's method is {name}; "
+                f"compose them with method {name}+{head}, or drop it.")
     if key in TRAIN_KEYS:
         return f"{key!r} is a training setting, not a {name} one; put it under train (shared, or this method's own)."
     if key in RUN_DEFAULTS:

@@ -1,8 +1,9 @@
 """The wrapped model: a base model plus named adapters, speaking only the method protocol.
 
 ``DeltaModel`` keeps the base model's call signature and outputs; it adds adapter
-management (add, switch, delete, per-example choice), merging and disabling. All of it works
-on whatever ``DeltaModule``s the methods put into the model — it never asks which method.
+management (add, switch, delete, per-example choice), composition (several adapters active at
+once), merging and disabling. All of it works on whatever ``DeltaModule``s the methods put into
+the model — it never asks which method.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from torch import nn
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods import DeltaModule, Method
+from deltatune.methods.composition import Composition, composition_problem
 
 
 class DeltaModel(nn.Module):
     """A base model with one or more adapters. Attribute access falls through to the base.
 
-    Every base weight starts frozen; what trains is what the active adapter's modules name in
+    Every base weight starts frozen; what trains is what the active adapters' modules name in
     ``adapter_parameters`` — new tensors (LoRA, prompts) or base weights themselves (full and
-    freeze tuning).
+    freeze tuning). Usually one adapter is active; ``set_adapter([a, b])`` runs and trains
+    several together (methods/composition.py says which may).
     """
 
     # How save_pretrained writes: set by the package root to deltatune.save (the method's
@@ -34,7 +37,7 @@ class DeltaModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.methods: dict[str, Method] = {}
-        self.active_adapter: str | None = None
+        self.active_adapters: tuple[str, ...] = ()
         for param in model.parameters():
             param.requires_grad_(False)
 
@@ -52,6 +55,9 @@ class DeltaModel(nn.Module):
                 yield path, module
 
     def add_adapter(self, name: str, method: Method) -> None:
+        if isinstance(method, Composition):
+            raise DeltatuneError("add_adapter takes one method; pass the Composition to deltatune.wrap, or add each "
+                                 "part under its own name and activate them with set_adapter([a, b]).")
         if not isinstance(method, Method):
             raise DeltatuneError(f"add_adapter needs a method such as deltatune.LoRA(rank=8), got {type(method).__name__}.")
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name == "__base__":
@@ -66,17 +72,54 @@ class DeltaModel(nn.Module):
         self.methods[name] = method
         self.set_adapter(name)
 
-    def set_adapter(self, name: str) -> None:
-        """Make ``name`` the active adapter: the one that runs and, alone, trains."""
-        self.require_adapter(name)
-        self.active_adapter = name
+    @property
+    def active_adapter(self) -> str | None:
+        """The active adapter; with several active (a composition), the first of them."""
+        return self.active_adapters[0] if self.active_adapters else None
+
+    @property
+    def active_method(self) -> Method | Composition | None:
+        """The active adapter's method; with several active, their Composition (which lays out
+        prompts as the part that places virtual tokens in the text does)."""
+        if len(self.active_adapters) > 1:
+            return Composition(tuple((name, self.methods[name]) for name in self.active_adapters))
+        return self.methods.get(self.active_adapter)
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the active adapters: the ones that run and, alone, train.
+
+        One name switches to that adapter. Several run together, in the order given: their deltas
+        add up (LoRAs on one layer are summed, serial bottlenecks stacked); which may run together
+        is the protocol's say (``composition_problem``, ``DeltaModule.composition_conflict``).
+        """
+        names = [names] if isinstance(names, str) else list(names)
+        if not names:
+            raise DeltatuneError("set_adapter needs at least one adapter name; for base behaviour use deltatune.disabled(model).")
+        for name in names:
+            self.require_adapter(name)
+        if len(set(names)) != len(names):
+            raise DeltatuneError(f"set_adapter names an adapter twice ({names}); name each adapter once.")
+        if len(names) > 1:
+            self.check_composable(names)
+        self.active_adapters = tuple(names)
         for _, module in self.delta_modules():
-            module.set_active([name])
+            module.set_active(names)
             for adapter in module.adapter_names():
                 for param in module.adapter_parameters(adapter).values():
                     param.requires_grad_(False)
-        for param in self.adapter_parameters(name).values():
-            param.requires_grad_(True)
+        for name in names:
+            for param in self.adapter_parameters(name).values():
+                param.requires_grad_(True)
+
+    def check_composable(self, names: Sequence[str]) -> None:
+        """Refuse, with one sentence, adapters that cannot be active together."""
+        problem = composition_problem([(name, self.methods[name]) for name in names])
+        if problem:
+            raise DeltatuneError(problem)
+        for path, module in self.delta_modules():
+            conflict = module.composition_conflict(names)
+            if conflict:
+                raise DeltatuneError(f"These adapters cannot be active together: at {path!r} {conflict}.")
 
     def delete_adapter(self, name: str) -> None:
         self.require_adapter(name)
@@ -87,10 +130,11 @@ class DeltaModel(nn.Module):
         for path, module in list(self.delta_modules()):
             if not module.adapter_names():
                 put_back(self.base_model, path, module.unload())
-        if self.active_adapter == name:
-            self.active_adapter = None
-            if self.methods:
-                self.set_adapter(next(iter(self.methods)))
+        if name in self.active_adapters:
+            rest = [n for n in self.active_adapters if n != name]
+            self.active_adapters = ()
+            if rest or self.methods:
+                self.set_adapter(rest or next(iter(self.methods)))
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """The parameters of one adapter, keyed ``<module path>.<local name>``."""
@@ -101,16 +145,25 @@ class DeltaModel(nn.Module):
                     params[f"{path}.{local}"] = param
         return params
 
+    def require_mergeable(self, names: Sequence[str]) -> None:
+        """Refuse, before any weight changes, to merge adapters whose method cannot be merged."""
+        for name in names:
+            self.require_adapter(name)
+            method = self.methods[name]
+            if not method.capabilities().mergeable:
+                part = ", so neither can the composition it is part of" if len(names) > 1 else ""
+                raise DeltatuneError(f"Adapter {name!r} ({method.cli_name}) cannot be merged into the base "
+                                     f"weights{part}; keep it loaded for inference instead.")
+
     def require_adapter(self, name: str) -> None:
         if name not in self.methods:
             raise DeltatuneError(f"There is no adapter named {name!r}; this model has: {', '.join(self.methods) or 'none'}.")
 
     # --- merge ---------------------------------------------------------------------------
     def merge_adapter(self, names: Sequence[str] | None = None) -> None:
-        """Fold adapters (default: the active one) into the base weights, keeping them unmergeable."""
-        names = list(names) if names is not None else [self.active_adapter]
-        for name in names:
-            self.require_adapter(name)
+        """Fold adapters (default: the active ones) into the base weights, keeping them unmergeable."""
+        names = list(names) if names is not None else list(self.active_adapters)
+        self.require_mergeable(names)
         for _, module in self.delta_modules():
             module.merge(names)
 
@@ -149,7 +202,7 @@ class DeltaModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
 
     def save_pretrained(self, directory: str, adapter_name: str | None = None) -> Path:
-        """peft's spelling of :func:`deltatune.save`: the adapter (or, for full and freeze tuning, the model)."""
+        """peft's spelling of :func:`deltatune.save`: the adapter (or, for full fine-tuning, the model)."""
         return type(self).writer(self, directory, adapter_name)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
@@ -157,6 +210,8 @@ class DeltaModel(nn.Module):
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs["use_reentrant"]:  # reentrant checkpoints need an input that requires grad
             self.base_model.enable_input_require_grads()
+        elif hasattr(self.base_model, "_require_grads_hook"):  # else the backward would run through frozen layers
+            self.base_model.disable_input_require_grads()
 
 
 def put_back(model: nn.Module, path: str, module: nn.Module | None) -> None:
@@ -168,9 +223,28 @@ def put_back(model: nn.Module, path: str, module: nn.Module | None) -> None:
     delattr(model.get_submodule(parent) if parent else model, name)
 
 
-def wrap(model: nn.Module, method: Method, adapter_name: str = "default") -> DeltaModel:
-    """Add ``method`` as adapter ``adapter_name``; the base model's weights are frozen."""
+def wrap(model: nn.Module, method: Method | Composition, adapter_name: str = "default") -> DeltaModel:
+    """Add ``method`` as adapter ``adapter_name``; the base model's weights are frozen.
+
+    A ``Composition`` adds each of its parts as an adapter named after the part (``adapter_name``
+    is not used) and activates them all together.
+    """
     wrapped = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    if isinstance(method, Composition):
+        clash = [name for name in method.names if name in wrapped.methods]
+        if clash:
+            raise DeltatuneError(f"An adapter named {clash[0]!r} exists already; rename that part of the composition.")
+        added = []
+        try:
+            for name, part in method.parts:
+                wrapped.add_adapter(name, part)
+                added.append(name)
+            wrapped.set_adapter(method.names)
+        except DeltatuneError:
+            for name in reversed(added):  # the model as it was: a refused composition leaves nothing behind
+                wrapped.delete_adapter(name)
+            raise
+        return wrapped
     wrapped.add_adapter(adapter_name, method)
     return wrapped
 
@@ -193,14 +267,11 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
     """The base architecture with the adapters folded in and every wrapper removed.
 
     The returned module is the base model itself (modified in place); ``model`` is spent.
+    Default: the active adapters — all of a composition, which merges only if every part can.
     """
     model = _require_wrapped(model)
-    names = list(adapter_names) if adapter_names is not None else [model.active_adapter]
-    for name in names:
-        model.require_adapter(name)
-        if not model.methods[name].capabilities().mergeable:
-            raise DeltatuneError(f"Adapter {name!r} ({model.methods[name].cli_name}) cannot be merged into the base "
-                                 "weights; keep it loaded for inference instead.")
+    names = list(adapter_names) if adapter_names is not None else list(model.active_adapters)
+    model.require_mergeable(names)
     base = model.base_model
     for path, module in list(model.delta_modules()):  # one layer at a time: one extra weight at most
         module.merge(names)

@@ -3,6 +3,10 @@
 A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. Tensor keys are the
 module path in the base model with a ``base_model.model.`` prefix and the adapter name left
 out, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
+
+A composition (several adapters active together) is one such folder per adapter,
+``<dir>/<adapter name>/`` (peft's own layout for named adapters), each loadable alone where peft
+can express its method, plus ``deltatune_composition.json``: the adapters, active in that order.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from deltatune.model import DeltaModel, wrap
 CONFIG_NAME = "adapter_config.json"
 TRAINING_STATE_NAME = "adapter_training_state.safetensors"  # deltatune's own: full trainable state
 METHOD_NAME = "deltatune_method.json"  # deltatune's own: the method and its settings, exactly
+COMPOSITION_NAME = "deltatune_composition.json"  # deltatune's own: which subfolders run together
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 
@@ -118,7 +123,54 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     described = {"method": model.methods[name].cli_name, "settings": model.methods[name].describe()}
     atomic_write_text(directory / METHOD_NAME, json.dumps(described, indent=2, sort_keys=True) + "\n")
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (directory / COMPOSITION_NAME).unlink(missing_ok=True)  # the folder now holds one adapter
     return Path(directory)
+
+
+def save_composition(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None,
+                     parameters: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> Path:
+    """Write adapters that run together (default: the active ones) as ``<dir>/<name>/`` peft
+    folders and, last, ``deltatune_composition.json`` naming them in order.
+
+    ``parameters`` maps each adapter name to the values to write instead of its live ones.
+    """
+    if not isinstance(model, DeltaModel):
+        raise DeltatuneError("save_composition needs a model wrapped by deltatune.wrap(...) or deltatune.load_adapter(...).")
+    names = list(adapter_names) if adapter_names is not None else list(model.active_adapters)
+    if len(names) < 2:
+        raise DeltatuneError(f"save_composition needs at least two adapters, got {names}; save one adapter with "
+                             "deltatune.save(model, directory, adapter_name).")
+    for name in names:
+        model.require_adapter(name)
+    model.check_composable(names)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        save_adapter(model, directory / name, name, None if parameters is None else parameters[name])
+    for stale in (CONFIG_NAME, WEIGHTS_NAME, TRAINING_STATE_NAME, METHOD_NAME):  # a single adapter saved here before
+        (directory / stale).unlink(missing_ok=True)
+    manifest = {"adapters": names, "active": names,
+                "layout": "one peft adapter folder per adapter, <adapter name>/, active together in this order"}
+    atomic_write_text(directory / COMPOSITION_NAME, json.dumps(manifest, indent=2) + "\n")
+    return directory
+
+
+def read_composition(directory: str | os.PathLike) -> list[str] | None:
+    """The adapter names of a composition folder, in order; None for a folder of one adapter."""
+    path = Path(directory, COMPOSITION_NAME)
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))["adapters"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        names = None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise DeltatuneError(f"{path} does not list the composition's adapters like {{\"adapters\": [\"prefix\", "
+                             "\"adapter\"]}; re-save the composition.")
+    for name in names:
+        if Path(name).name != name or name in (".", ".."):
+            raise DeltatuneError(f"{path} names {name!r}, which is not an adapter subfolder; re-save the composition.")
+    return names
 
 
 def training_state_dict(model: DeltaModel, adapter_name: str,
@@ -161,13 +213,25 @@ def read_adapter_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], d
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
                  trainable: bool = False) -> DeltaModel:
-    """Put the adapter saved in ``directory`` onto ``model`` (a base model or a DeltaModel)."""
     """Put the adapter saved in ``directory`` onto ``model`` (a base model or a DeltaModel).
 
     With ``trainable=True`` and a training state in the folder (written by deltatune when peft's
     file holds less than the trainable parameters), the exact training-time form comes back —
     the prefix MLP, PiSSA's factors — so training continues where it stopped.
+
+    A composition folder (``deltatune_composition.json``) puts each of its adapters on under its
+    own name (``adapter_name`` is not used) and activates them together, as when it was saved.
     """
+    names = read_composition(directory)
+    if names is not None:
+        wrapped = model
+        for name in names:
+            wrapped = load_adapter(wrapped, Path(directory, name), name, trainable)
+        wrapped.set_adapter(names)
+        for name in names:
+            for param in wrapped.adapter_parameters(name).values():
+                param.requires_grad_(trainable)
+        return wrapped
     config, tensors = read_adapter_folder(directory)
     described = read_method_description(directory)
     if trainable and described and Path(directory, TRAINING_STATE_NAME).is_file():

@@ -1,8 +1,11 @@
 """Save what a run trained, in the form its method produces (``Method.artifact``):
 
-    "adapter"   a peft adapter folder (deltatune.peft_format.save_adapter)
-    "model"     a whole transformers model folder, loadable by ``from_pretrained`` (full and
-                freeze tuning, whose delta is the model's own weights)
+    "adapter"   an adapter folder in peft's layout (deltatune.peft_format.save_adapter): the
+                method's tensors, adapter_config.json and deltatune_method.json. Freeze tuning
+                writes this too: its tensors are the trained base weights under their own
+                state-dict keys, and its config the selection (docs/freeze.md)
+    "model"     a whole transformers model folder, loadable by ``from_pretrained`` (full
+                fine-tuning, whose delta is every weight of the model)
 
 The runner and the trainer call :func:`save` and never ask which method they hold.
 """
@@ -19,7 +22,7 @@ import torch
 from deltatune.atomic import atomic_write_text, files_into
 from deltatune.errors import DeltatuneError
 from deltatune.model import DeltaModel
-from deltatune.peft_format import METHOD_NAME, save_adapter
+from deltatune.peft_format import METHOD_NAME, save_adapter, save_composition
 
 
 def save_model_folder(model: DeltaModel, directory: str | os.PathLike, adapter_name: str | None = None,
@@ -51,9 +54,15 @@ WRITERS: dict[str, Callable[..., Path]] = {"adapter": save_adapter, "model": sav
 
 def save(model: DeltaModel, directory: str | os.PathLike, adapter_name: str | None = None,
          parameters: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write adapter ``adapter_name`` (default: the active one) as its method's artifact."""
+    """Write adapter ``adapter_name`` (default: the active one) as its method's artifact.
+
+    With several adapters active and no name given, the composition: one adapter folder per
+    adapter (``peft_format.save_composition``); ``parameters`` then maps each name to its values.
+    """
     if not isinstance(model, DeltaModel):
         raise DeltatuneError("save needs a model wrapped by deltatune.wrap(...) or deltatune.load_adapter(...).")
+    if adapter_name is None and len(model.active_adapters) > 1:
+        return save_composition(model, directory, parameters=parameters)
     name = adapter_name or model.active_adapter
     model.require_adapter(name)
     return WRITERS[model.methods[name].artifact](model, directory, name, parameters)

@@ -40,7 +40,7 @@ CHECKPOINTS_KEPT = 2
 # Settings that change which batches are seen or how weights move; resume needs them unchanged.
 TRAJECTORY_SETTINGS = (
     "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
-    "warmup_steps", "lr_schedule", "max_grad_norm", "seed", "bf16",
+    "warmup_steps", "lr_schedule", "max_grad_norm", "seed", "bf16", "group_by_length",
 )
 
 
@@ -56,6 +56,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 0
     bf16: bool = False
+    group_by_length: bool = False  # batches of similar length (less padding); the order stays seeded
     gradient_checkpointing: bool = False
     eval_every: int = 100  # 0: evaluate only at the end
     eval_batches: int = 0  # 0: all eval data
@@ -77,7 +78,7 @@ class TrainConfig:
                 f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}): lower warmup_steps"
             )
         require_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        for name in ("bf16", "gradient_checkpointing"):
+        for name in ("bf16", "gradient_checkpointing", "group_by_length"):
             require_bool(name, getattr(self, name))
 
 
@@ -87,7 +88,9 @@ class TrainResult:
     train_loss: float  # loss of the last step run (nan when resuming a finished run)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean eval loss per token)
     tokens_per_s: float = 0.0
+    train_seconds: float = 0.0  # wall time of the steps this call ran (evaluations before its last step included)
     checkpoint: Path | None = None  # the final checkpoint folder
+    model: nn.Module | None = None  # the trained model (set by the runner)
 
 
 def learning_rate_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
@@ -119,8 +122,12 @@ def train(
     resume: bool = False,
     progress: bool = True,
     runtime: Runtime | None = None,
+    collate_fn: Callable[[Sequence[dict[str, Any]], int], dict[str, torch.Tensor]] = collate,
 ) -> TrainResult:
     """Train the ``requires_grad`` parameters of ``model`` on tokenized examples.
+
+    ``collate_fn(examples, pad_token_id)`` makes a batch of tensors (default: token labels,
+    ``deltatune.data.collate``; a classifier's labels are one per example, [batch]).
 
     ``runtime`` says where this process runs and how it talks to the others (see
     ``deltatune.runtime``); the default, one process, changes nothing. Only the main process
@@ -158,10 +165,12 @@ def train(
     peak_memory = PeakMemory(device) if device.type in ("cpu", "cuda") else None
 
     accumulation = config.gradient_accumulation_steps
-    batches = batch_indices(len(train_examples), config.batch_size, config.seed, start_batch=start_step * accumulation)
+    lengths = [len(example["input_ids"]) for example in train_examples] if config.group_by_length else None
+    batches = batch_indices(len(train_examples), config.batch_size, config.seed,
+                            start_batch=start_step * accumulation, lengths=lengths)
     result = TrainResult(step=start_step, train_loss=math.nan)
     if start_step == 0 and eval_examples:  # the starting point, so every run's log shows its gain
-        result.eval_losses.append((0, evaluate(model, eval_examples, config, pad_token_id)))
+        result.eval_losses.append((0, evaluate(model, eval_examples, config, pad_token_id, collate_fn)))
         if runtime.is_main:
             with metrics_path.open("a", encoding="utf-8") as metrics:
                 metrics.write(json.dumps({"step": 0, "eval_loss": result.eval_losses[0][1]}) + "\n")
@@ -169,7 +178,7 @@ def train(
     bar = tqdm(total=config.max_steps, initial=start_step, disable=not (progress and runtime.is_main), desc="training")
     model.train()
     for step in range(start_step + 1, config.max_steps + 1):
-        micro_batches = [collate([train_examples[i] for i in runtime.shard(next(batches))], pad_token_id)
+        micro_batches = [collate_fn([train_examples[i] for i in runtime.shard(next(batches))], pad_token_id)
                          for _ in range(accumulation)]
         learning_rate = optimizer.param_groups[0]["lr"]
         loss = _accumulate_gradients(model, micro_batches, device, config.bf16, runtime)
@@ -180,12 +189,13 @@ def train(
         scheduler.step()
 
         tokens_seen += int(runtime.all_sum(sum(int(batch["attention_mask"].sum()) for batch in micro_batches)))
-        tokens_per_s = tokens_seen / (time.perf_counter() - started)
-        result.step, result.train_loss, result.tokens_per_s = step, loss, tokens_per_s
+        elapsed = time.perf_counter() - started
+        tokens_per_s = tokens_seen / elapsed
+        result.step, result.train_loss, result.tokens_per_s, result.train_seconds = step, loss, tokens_per_s, elapsed
         record: dict[str, Any] = {"step": step, "loss": loss, "lr": learning_rate, "tokens_per_s": tokens_per_s}
         final = step == config.max_steps
         if eval_examples and (final or (config.eval_every and step % config.eval_every == 0)):
-            record["eval_loss"] = evaluate(model, eval_examples, config, pad_token_id)
+            record["eval_loss"] = evaluate(model, eval_examples, config, pad_token_id, collate_fn)
             result.eval_losses.append((step, record["eval_loss"]))
         if runtime.is_main and (final or "eval_loss" in record or step % config.log_every == 0):
             if peak_memory is not None:
@@ -212,11 +222,20 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         raise DeltatuneError(f"{type(model).__name__} cannot checkpoint gradients: turn gradient_checkpointing off")
+    # transformers 5 also makes the embeddings' output require grad, which only reentrant
+    # checkpoints need; left on, the backward runs through (and recomputes) every frozen layer.
+    if hasattr(model, "_require_grads_hook") and hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
-def _predicted_tokens(labels: torch.Tensor) -> int:
-    """Tokens the causal loss scores: labels shift left by one, so position 0 never counts."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+def _predicted_tokens(labels: torch.Tensor, model: nn.Module) -> int:
+    """Targets the loss scores. Labels of shape [batch] (a classifier's): one per labelled example.
+    Token labels of a decoder-only model shift left by one, so position 0 never counts; an
+    encoder-decoder's labels are the decoder's own targets, every position scored."""
+    if labels.ndim == 1:
+        return int((labels != IGNORE_INDEX).sum())
+    shifted = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return int((labels[:, 1 if shifted else 0:] != IGNORE_INDEX).sum())
 
 
 def _accumulate_gradients(
@@ -226,7 +245,7 @@ def _accumulate_gradients(
     """Backpropagate the step's token-mean loss (over every process) through its micro-batches;
     return that loss. Each micro-batch's mean loss weighs by its share of the step's predicted
     tokens, times the number of replicas a gradient is averaged over."""
-    counts = [_predicted_tokens(batch["labels"]) for batch in micro_batches]
+    counts = [_predicted_tokens(batch["labels"], model) for batch in micro_batches]
     total = max(1.0, runtime.all_sum(float(sum(counts))))
     loss_sum = 0.0
     for index, (batch, count) in enumerate(zip(micro_batches, counts)):
@@ -240,7 +259,8 @@ def _accumulate_gradients(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, eval_examples: Sequence[dict[str, list[int]]], config: TrainConfig, pad_token_id: int
+    model: nn.Module, eval_examples: Sequence[dict[str, list[int]]], config: TrainConfig, pad_token_id: int,
+    collate_fn: Callable[[Sequence[dict[str, Any]], int], dict[str, torch.Tensor]] = collate,
 ) -> float:
     """Mean loss per predicted token over the first ``eval_batches`` batches (all when 0)."""
     device = next(model.parameters()).device
@@ -250,10 +270,10 @@ def evaluate(
     model.eval()
     loss_sum, token_count = 0.0, 0
     for start in starts:
-        batch = collate(eval_examples[start : start + config.batch_size], pad_token_id)
+        batch = collate_fn(eval_examples[start : start + config.batch_size], pad_token_id)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
-        count = _predicted_tokens(batch["labels"])
+        count = _predicted_tokens(batch["labels"], model)
         loss_sum, token_count = loss_sum + loss.item() * count, token_count + count
     model.train()
     return loss_sum / max(1, token_count)
@@ -297,10 +317,11 @@ def _save_checkpoint(model, trainable, optimizer, scheduler, config, step, outpu
 def _load_checkpoint(checkpoint: Path, trainable, optimizer, scheduler, config: TrainConfig) -> int:
     """Restore weights, optimizer, schedule and RNG from ``checkpoint``; return its step."""
     state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    defaults = asdict(TrainConfig())  # a checkpoint from before a setting existed ran with its default
     for name in TRAJECTORY_SETTINGS:
-        if state["config"].get(name) != getattr(config, name):
+        if state["config"].get(name, defaults[name]) != getattr(config, name):
             raise DeltatuneError(
-                f"{checkpoint} was trained with {name}={state['config'].get(name)!r} but this run has "
+                f"{checkpoint} was trained with {name}={state['config'].get(name, defaults[name])!r} but this run has "
                 f"{getattr(config, name)!r}: resume with the same setting or start a new output folder"
             )
     weights = load_file(str(checkpoint / "trainable.safetensors"))

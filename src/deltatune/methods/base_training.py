@@ -7,7 +7,10 @@ looks, whether the tensors are new (LoRA) or the model's own (here).
 
 The change is in place: there is no base model left to switch back to, so these methods
 declare ``reversible=False`` and ``disabled()`` refuses with one sentence. What training writes
-is a whole model folder (``artifact = "model"``), loadable by ``from_pretrained``.
+is the method's ``artifact``: a whole model folder (``"model"``, loadable by ``from_pretrained``)
+for full fine-tuning; freeze tuning overrides it with ``"adapter"`` — only the trained tensors,
+under their own state-dict keys, which ``load_adapter`` copies onto a fresh base (the module's
+``peft_key_prefix`` is the root and ``peft_state`` is the identity).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class TrainedWeights(DeltaModule):
         return list(self.paths)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        own = dict(self.host.named_parameters())
+        own = dict(self.host.named_parameters(remove_duplicate=False))  # a tied head is found by its own path too
         return {path: own[path] for path in self.paths[name]}
 
     def peft_state(self, name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

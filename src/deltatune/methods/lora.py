@@ -95,6 +95,8 @@ class LoRA(Method):
 
     peft_type: ClassVar[str] = "LORA"
     cli_name: ClassVar[str] = "lora"
+    # Measured: all-MiniLM-L6-v2 on SST-2, 100 steps: 81% at 1e-3, the majority class at 2e-4 (README).
+    training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 1e-3}
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (list, tuple)):
@@ -271,6 +273,14 @@ class LoRALayer(DeltaModule):
         if name in self.biases:
             params["bias"] = self.biases[name]
         return params
+
+    def composition_conflict(self, names: Sequence[str]) -> str | None:
+        """Active adapters sum here (h = Wx + Σ s·B A x); only their own trained biases cannot: one bias runs."""
+        own_bias = [n for n in names if n in self.biases]
+        if len(own_bias) > 1:
+            return (f"{', '.join(map(repr, own_bias))} each train their own bias, and one layer runs one bias; "
+                    "keep bias='none' on all but one of them")
+        return None
 
     def _keys(self) -> tuple[str, str]:
         return ("lora_embedding_A", "lora_embedding_B") if self.is_embedding else ("lora_A.weight", "lora_B.weight")

@@ -75,6 +75,7 @@ class PTuning(Method):
     peft_type: ClassVar[str] = "P_TUNING"
     peft_module_root: ClassVar[str] = "base_model."  # peft wraps prompt-learning models one level less
     cli_name: ClassVar[str] = "ptuning"
+    training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 1e-2}  # see README: learning rates
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
@@ -112,7 +113,7 @@ class PTuning(Method):
         return template_parts(self.template or f"{{prompt:{self.num_virtual_tokens}}}{{text}}")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(equals_base_at_init=False)
+        return Capabilities(equals_base_at_init=False, rewrites_call=True)
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
         check_not_encoder_decoder(model, "P-tuning")

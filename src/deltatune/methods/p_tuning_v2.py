@@ -11,7 +11,7 @@ classification, the paper's main setup) the task head trains too; see prefix_tun
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 from deltatune.methods.prefix_tuning import PrefixTuning
 
@@ -24,3 +24,4 @@ class PTuningV2(PrefixTuning):
     projection: bool = False
 
     cli_name: ClassVar[str] = "ptuning-v2"
+    training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 2e-2}  # ChatGLM's P-Tuning v2 recipe

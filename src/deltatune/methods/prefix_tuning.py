@@ -88,6 +88,7 @@ class PrefixTuning(Method):
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     peft_module_root: ClassVar[str] = "base_model."  # peft wraps prompt-learning models one level less
     cli_name: ClassVar[str] = "prefix"
+    training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 1e-3}  # see README: learning rates
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
@@ -97,7 +98,7 @@ class PrefixTuning(Method):
             require_bool(name, getattr(self, name))
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(equals_base_at_init=False)
+        return Capabilities(equals_base_at_init=False, rewrites_call=True)
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
         layouts = self.layouts(model)

@@ -40,6 +40,7 @@ class PromptTuning(Method):
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     peft_module_root: ClassVar[str] = "base_model."  # peft wraps prompt-learning models one level less
     cli_name: ClassVar[str] = "prompt"
+    training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 3e-2}  # peft's examples; see README
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
@@ -49,7 +50,7 @@ class PromptTuning(Method):
             raise DeltatuneError('init="text" needs init_text, e.g. init_text="Classify the sentiment:".')
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(equals_base_at_init=False)
+        return Capabilities(equals_base_at_init=False, rewrites_call=True)
 
     def inject(self, model: nn.Module, adapter_name: str) -> list[str]:
         check_not_encoder_decoder(model, "Prompt tuning")

@@ -15,6 +15,8 @@ only this protocol; none of them ever asks which method it is talking to.
     Method.training_defaults                   training settings the method ships (below the user's)
     Method.encode_prompt(tokenizer, text)      how a prompt becomes ids (templates place slots)
     Method.peft_incompatibility(model)         why peft cannot load the adapter, or None
+    Method.prepare_base(model)                 the base as the method runs it (QLoRA: NF4 weights)
+    Method.reference_method()                  the same adapter on the base as loaded (QLoRA → LoRA)
     Method.describe()                          the settings, as plain data
 
     DeltaModule.adapter_parameters(name)       the parameters that belong to one adapter
@@ -22,6 +24,7 @@ only this protocol; none of them ever asks which method it is talking to.
     DeltaModule.adapter_state(name)            peft_state of the live parameters
     DeltaModule.load_adapter_state(name, sd)   the inverse, with shape checks
     DeltaModule.set_active(names)              () disables; several names stack
+    DeltaModule.composition_conflict(names)    why these adapters cannot run here at once, or None
     DeltaModule.merge(names) / unmerge()       fold into the base weight, where possible
     DeltaModule.unload()                       the plain module to put back in its place
 """
@@ -53,6 +56,14 @@ class Capabilities:
     per_example_adapters  ``adapter_names=[...]`` picks an adapter per example of one batch
     exact_reload          a saved folder loads back to bit-identical outputs (PiSSA's is rewritten
                           as a plain LoRA on the original weight: equal up to fp32 rounding)
+    rewrites_call         it changes the model's call itself (virtual tokens before the input, a
+                          key/value prefix through the cache), so it expects the call as the user
+                          made it: at most one such adapter can be active at a time
+
+    Composition (several adapters active at once, ``DeltaModel.set_adapter([a, b])``) follows from
+    these: an adapter that is not ``reversible`` changed the base weights the others are relative
+    to, so it runs alone; at most one active adapter ``rewrites_call``; and each DeltaModule says
+    whether it can run the chosen adapters together (``DeltaModule.composition_conflict``).
     """
 
     equals_base_at_init: bool = True
@@ -60,6 +71,7 @@ class Capabilities:
     mergeable: bool = False
     per_example_adapters: bool = False
     exact_reload: bool = True
+    rewrites_call: bool = False
 
 
 class Method:
@@ -94,6 +106,19 @@ class Method:
     def peft_incompatibility(self, model: nn.Module) -> str | None:
         """Why peft cannot load what this method saves for ``model``; None when it can."""
         return self.peft_config(model).get("deltatune_peft_incompatible")
+
+    def prepare_base(self, model: nn.Module) -> nn.Module:
+        """Change how the base model is stored, in place, and return it: the model as it is for
+        most methods; QLoRA quantises its target layers to NF4. ``inject`` calls it first, and
+        the promises about "the base" (equal at init, ``disabled()``) are about this prepared base.
+        Idempotent: a second adapter with the same settings finds the base prepared."""
+        return model
+
+    def reference_method(self) -> "Method":
+        """The method that runs the same saved adapter on the base exactly as loaded: itself,
+        unless ``prepare_base`` changes the base (QLoRA: the same LoRA on the full-precision
+        weights). A merge report compares against it too, to show what the preparation costs."""
+        return self
 
     def describe(self) -> dict[str, Any]:
         """Every setting as plain data (JSON/YAML ready); ``type(self)(**describe())`` rebuilds it."""
@@ -145,6 +170,17 @@ class DeltaModule(nn.Module):
 
     def set_active(self, names: Iterable[str]) -> None:
         self.active_adapters = tuple(n for n in names if n in self.adapter_names())
+
+    def composition_conflict(self, names: Sequence[str]) -> str | None:
+        """Why these adapters cannot all run here at once (a clause naming the reason and the fix),
+        or None. The default: a module that runs one adapter at a time (the last active one) can
+        hold at most one of them. Modules that sum or stack adapters (LoRA, bottlenecks) return None."""
+        mine = [n for n in names if n in self.adapter_names()]
+        if len(mine) > 1:
+            return (f"{type(self).__name__} runs one adapter at a time, and {', '.join(map(repr, mine))} each "
+                    "have their own here (a trained copy of a module, such as a classifier's head, or a trained "
+                    "bias); give only one of them this module")
+        return None
 
     def merge(self, names: Iterable[str]) -> None:
         raise DeltatuneError(
