@@ -4,7 +4,9 @@ For each method the comparison trains a run exactly as ``deltatune train`` would
 training defaults apply, e.g. full fine-tuning's lower learning rate), each in a fresh Python
 process, so that one method's crash, its memory high-water mark or its leftovers cannot touch
 the next. A run that fails is recorded with its error and the comparison goes on; a method that
-refuses the model (prompt tuning on T5, say) is listed with its one-sentence reason.
+refuses the model (prompt tuning on T5, say) is listed with its one-sentence reason. When LoRA and
+QLoRA are both compared and neither is given ``targets``, LoRA takes QLoRA's (every linear layer),
+so that the pair differs only in the quantised base.
 
 What is measured for each method (``results.json`` holds all of it, ``report.html`` plots it):
 
@@ -44,7 +46,7 @@ COMPARED_METHODS = ("full", "freeze", "lora", "qlora", "adapter", "prefix", "pro
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
 # The shared budget on bundled defaults: all nine methods in well under 5 minutes on 2 CPU cores.
-BUNDLED_TRAIN = {"max_steps": 100, "batch_size": 16, "max_length": 384, "seed": 0}
+BUNDLED_TRAIN = {"max_steps": 80, "batch_size": 16, "max_length": 384, "seed": 0}
 # Settings every compared run gets: the log keeps every step's loss (the report's curves) and the
 # held-out loss is taken before and after training only, so no evaluation falls inside the timing.
 COMPARE_TRAIN = {"log_every": 1, "eval_every": 0, "save_every": 0}
@@ -97,6 +99,13 @@ def run_specs(settings: Mapping[str, Any], methods: Sequence[str], per_method: M
     from deltatune.config import build_run, merge_settings
     from deltatune.methods import METHODS
 
+    per_method = {name: dict(per_method.get(name, {})) for name in methods}
+    if {"lora", "qlora"} <= set(methods) and not ({"targets"} & (per_method["lora"].keys() | per_method["qlora"].keys())):
+        # QLoRA's default (the paper's) adapts every linear layer; LoRA's, the architecture's
+        # attention layers. Side by side, the pair should differ only in the quantised base.
+        from deltatune.methods import METHODS as registry
+
+        per_method["lora"]["targets"] = registry["qlora"]().targets
     specs = []
     for name in methods:
         if name not in METHODS:
@@ -258,8 +267,9 @@ def measure_run(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def held_out_metrics(run, model, *, limit: int, max_new_tokens: int) -> dict[str, Any]:
-    """The task's own metrics on (at most ``limit`` of) the held-out examples: BLEU and ROUGE-L of
-    greedy generations for prompt/completion data, accuracy and macro F1 for a classifier."""
+    """The task's own metrics on (at most ``limit`` of) the held-out items: BLEU and ROUGE-L of greedy
+    generations for prompt/completion data (the examples sharing a prompt are one item with several
+    references), accuracy and macro F1 for a classifier."""
     from deltatune.data import load_examples, split_examples
     from deltatune.evaluation import classification_metrics, evaluate
     from deltatune.pretrained import load_tokenizer, pad_token_id
@@ -273,7 +283,10 @@ def held_out_metrics(run, model, *, limit: int, max_new_tokens: int) -> dict[str
     if task == "causal-lm":
         examples = (load_examples(run.eval_data) if run.eval_data else
                     split_examples(load_examples(run.data), run.eval_fraction, run.train.seed)[1])
-        scored = evaluate(model, tokenizer, examples[:limit], max_new_tokens=max_new_tokens,
+        prompts = list(dict.fromkeys(example.prompt for example in examples))[:limit]  # E2E: an MR's texts are one item
+        kept = set(prompts)
+        scored = evaluate(model, tokenizer, [example for example in examples if example.prompt in kept],
+                          max_new_tokens=max_new_tokens,
                           max_length=run.train.max_length, batch_size=run.train.batch_size)
         return {key: value for key, value in scored.items() if key in ("accuracy", "f1", "bleu", "rouge_l")} | {
             "scored_examples": scored["examples"]}
