@@ -84,7 +84,9 @@ def main() -> int:
     (data_folder / "split.json").write_text(json.dumps({"seed": SEED, "train": str(train), "held_out": str(held_out)}))
     command = [sys.executable, "-m", "deltatune.cli", "compare", "--model", args.model, "--data", str(train),
                "--eval-data", str(held_out), "--output", str(output), "--methods", spec["methods"],
-               "--max-steps", str(spec["steps"]), "--eval-examples", str(spec["eval"]), *spec["settings"], *rest]
+               "--max-steps", str(spec["steps"]), "--eval-examples", str(spec["eval"])]
+    options = [arg for arg in rest if "=" not in arg or arg.startswith("--")]  # later flags win
+    command += [*options, *spec["settings"], *(arg for arg in rest if arg not in options)]  # so do later key=value
     print(" ".join(command), flush=True)
     return subprocess.run(command).returncode
 
