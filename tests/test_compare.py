@@ -16,12 +16,12 @@ from deltatune.compare import COMPARED_METHODS, parse_methods, split_method_opti
 from deltatune.errors import DeltatuneError
 from deltatune.methods import METHODS
 
-FAST = ["max_length=64", "batch_size=2", "eval_batches=1"]
+FAST = ["--eval-examples", "3", "--max-new-tokens", "8", "max_length=64", "batch_size=2", "eval_batches=1"]
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
     """The command as a user runs it: its own process, its exit status, stdout and stderr."""
-    done = subprocess.run([sys.executable, "-m", "deltatune.cli", *args], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "deltatune.cli", *args], capture_output=True, text=True, timeout=1800)
     return done.returncode, done.stdout, done.stderr
 
 
@@ -77,10 +77,10 @@ def compared(tmp_path_factory):
 def test_every_method_has_a_result_and_a_table_line(compared):
     output, out, document = compared
     results = {result["method"]: result for result in document["results"]}
-    assert list(results) == list(COMPARED_METHODS)
+    assert list(results) == ["base", *COMPARED_METHODS]  # the untrained model first, as the reference
     for method, result in results.items():
         assert re.search(rf"^{re.escape(method)}\s", out, re.MULTILINE), f"no table line for {method}"
-        if method not in METHODS:
+        if method not in METHODS and method != "base":
             assert result["status"] == "unavailable"
     assert results["lora"]["status"] == "refused"
     assert "no_such_module" in results["lora"]["reason"]
@@ -160,7 +160,7 @@ def test_an_existing_output_needs_overwrite_and_keeps_foreign_files(compared, cl
                        "--overwrite", *FAST)
     assert code == 0, err
     assert (output / "notes.txt").read_text() == "mine"
-    assert [r["method"] for r in json.loads((output / "results.json").read_text())["results"]] == ["prompt"]
+    assert [r["method"] for r in json.loads((output / "results.json").read_text())["results"]] == ["base", "prompt"]
 
 
 def test_a_crashing_run_is_a_failed_row_not_the_end(tmp_path, monkeypatch):
@@ -194,3 +194,21 @@ def test_a_bad_method_setting_stops_before_training(tmp_path, cli):
     code, _, err = cli("compare", "--output", str(tmp_path / "out"), "--methods", "lora,prompt", "lora.rnak=4")
     assert code == 1 and "rnak" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_untrained_model_is_the_reference_row(compared):
+    """Its held-out loss is the one every run starts from (methods that equal the base at init),
+    and its generations sit beside each method's in results.json and the report."""
+    output, out, document = compared
+    base, *runs = document["results"]
+    assert base["method"] == "base" and base["status"] == "reference"
+    assert re.search(r"^base\s+\(untrained\)", out, re.MULTILINE)
+    for result in runs:
+        if result["status"] == "ok" and result["method"] in ("full", "freeze", "adapter"):
+            assert result["eval_loss_start"] == pytest.approx(base["eval_loss"], rel=1e-6)
+    assert base["metrics"]["bleu"] >= 0 and len(base["samples"]) == compare_module.SAMPLES
+    for result in runs:
+        if result["status"] == "ok":
+            assert [sample["prompt"] for sample in result["samples"]] == [sample["prompt"] for sample in base["samples"]]
+    page = (output / "report.html").read_text()
+    assert "Held-out generations" in page and "series-quality-base" in page

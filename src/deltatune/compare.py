@@ -10,7 +10,7 @@ so that the pair differs only in the quantised base.
 
 What is measured for each method (``results.json`` holds all of it, ``report.html`` plots it):
 
-- trainable parameters, and their share of the model's parameters;
+- trainable parameters, and their share of the wrapped model's parameters (the base plus what the method adds);
 - step memory: the bytes one training step holds — parameters, gradients, AdamW state and the
   activations autograd saved — counted tensor by tensor (``deltatune.memory``), so the figure is
   the same on every run and machine; and the process's peak resident memory, which on CPU
@@ -52,6 +52,7 @@ BUNDLED_TRAIN = {"max_steps": 80, "batch_size": 16, "max_length": 384, "seed": 0
 COMPARE_TRAIN = {"log_every": 1, "eval_every": 0, "save_every": 0}
 EVAL_EXAMPLES = 64  # held-out examples scored with the task's metric (generation is the slow part)
 MAX_NEW_TOKENS = 64
+SAMPLES = 3  # held-out generations kept per method (results.json, report.html)
 
 
 def bundled_settings() -> dict[str, Any]:
@@ -130,6 +131,9 @@ def compare(settings: Mapping[str, Any], methods: Sequence[str], per_method: Map
     output.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     header_shown = False
+    trainable_specs = [spec for spec in specs if "settings" in spec]
+    if eval_examples > 0 and trainable_specs:  # the untrained model first: what every row is read against
+        specs = [{"method": "base", "settings": trainable_specs[0]["settings"], "base_only": True}, *specs]
     for number, spec in enumerate(specs, 1):
         log(f"[{number}/{len(specs)}] {spec['method']}")
         if "unavailable" in spec:
@@ -186,6 +190,11 @@ def table_header() -> str:
 
 
 def table_row(result: Mapping[str, Any]) -> str:
+    if result.get("status") == "reference":
+        metric = headline_metric(result)
+        loss = f"{result['eval_loss']:.3f}" if result.get("eval_loss") is not None else "-"
+        return (f"{'base':<11}  {'(untrained)':>10}  {'':>7}  {'':>9}  {'':>9}  {'':>7}  {'':>7}  {loss:>14}  "
+                f"{(f'{metric[0]} {metric[1]:.4g}' if metric else '-'):>16}")
     if result.get("status") != "ok":
         return f"{result['method']:<11}  {result.get('status')}: {result.get('reason', '')}"
     metric = headline_metric(result)
@@ -249,8 +258,9 @@ def measure_run(spec: Mapping[str, Any]) -> dict[str, Any]:
     eval_end = result.eval_losses[-1][1] if result.eval_losses else None
     metrics = {"loss": eval_end, "perplexity": _perplexity(eval_end)} if eval_end is not None else {}
     with torch.no_grad():
-        metrics.update(held_out_metrics(run, model, limit=spec.get("eval_examples", EVAL_EXAMPLES),
-                                        max_new_tokens=spec.get("max_new_tokens", MAX_NEW_TOKENS)))
+        quality, samples = held_out_metrics(run, model, limit=spec.get("eval_examples", EVAL_EXAMPLES),
+                                            max_new_tokens=spec.get("max_new_tokens", MAX_NEW_TOKENS))
+    metrics.update(quality)
     losses = [json.loads(line) for line in (Path(run.output) / "metrics.jsonl").read_text().splitlines() if line]
     torch.set_grad_enabled(True)
     return {
@@ -261,35 +271,40 @@ def measure_run(spec: Mapping[str, Any]) -> dict[str, Any]:
         "steps": result.step, "seconds_per_step": result.train_seconds / max(1, result.step),
         "tokens_per_s": result.tokens_per_s,
         "eval_loss_start": eval_start, "eval_loss": eval_end, "metrics": metrics,
-        "artifact_bytes": artifact_bytes, "output": run.output,
+        "artifact_bytes": artifact_bytes, "output": run.output, "samples": samples,
         "loss_curve": [[record["step"], record["loss"]] for record in losses if "loss" in record],
     }
 
 
-def held_out_metrics(run, model, *, limit: int, max_new_tokens: int) -> dict[str, Any]:
-    """The task's own metrics on (at most ``limit`` of) the held-out items: BLEU and ROUGE-L of greedy
-    generations for prompt/completion data (the examples sharing a prompt are one item with several
-    references), accuracy and macro F1 for a classifier."""
+def held_out_metrics(run, model, *, limit: int, max_new_tokens: int) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """The task's own metrics on (at most ``limit`` of) the held-out items, and a few samples.
+
+    BLEU and ROUGE-L of greedy generations for prompt/completion data (the examples sharing a
+    prompt are one item with several references; Chinese is scored by characters), accuracy and
+    macro F1 for a classifier, BLEU and ROUGE-L for a seq2seq model."""
     from deltatune.data import load_examples, split_examples
-    from deltatune.evaluation import classification_metrics, evaluate
+    from deltatune.evaluation import classification_metrics, generate_for_examples, generation_metrics
     from deltatune.pretrained import load_tokenizer, pad_token_id
     from deltatune.runner import run_data, run_task
 
     if limit <= 0:
-        return {}
+        return {}, []
     model.eval()
     tokenizer = load_tokenizer(run.model, run.trust_remote_code)
     task = run_task(run)
     if task == "causal-lm":
         examples = (load_examples(run.eval_data) if run.eval_data else
                     split_examples(load_examples(run.data), run.eval_fraction, run.train.seed)[1])
+        if all(not example.prompt and example.messages is None for example in examples):
+            return {}, []  # plain text: the held-out loss is the measure
         prompts = list(dict.fromkeys(example.prompt for example in examples))[:limit]  # E2E: an MR's texts are one item
         kept = set(prompts)
-        scored = evaluate(model, tokenizer, [example for example in examples if example.prompt in kept],
-                          max_new_tokens=max_new_tokens,
-                          max_length=run.train.max_length, batch_size=run.train.batch_size)
-        return {key: value for key, value in scored.items() if key in ("accuracy", "f1", "bleu", "rouge_l")} | {
-            "scored_examples": scored["examples"]}
+        hypotheses, references = generate_for_examples(
+            model, tokenizer, [example for example in examples if example.prompt in kept],
+            max_new_tokens=max_new_tokens, batch_size=run.train.batch_size)
+        samples = [{"prompt": prompt, "output": output, "reference": refs[0]}
+                   for prompt, output, refs in zip(prompts[:SAMPLES], hypotheses, references)]
+        return generation_metrics(hypotheses, references) | {"scored_examples": len(hypotheses)}, samples
     if task == "classification":
         data = run_data(run, tokenizer, task)
         predicted, gold = [], []
@@ -299,7 +314,7 @@ def held_out_metrics(run, model, *, limit: int, max_new_tokens: int) -> dict[str
             logits = model(**{key: value.to(device) for key, value in batch.items() if key != "labels"}).logits
             predicted += logits.argmax(-1).tolist()
             gold += batch["labels"].tolist()
-        return classification_metrics(predicted, gold) | {"scored_examples": len(gold)}
+        return classification_metrics(predicted, gold) | {"scored_examples": len(gold)}, []
     if task == "seq2seq":
         from deltatune.evaluation import evaluate_seq2seq
         from deltatune.task_data import load_seq2seq_records
@@ -308,8 +323,35 @@ def held_out_metrics(run, model, *, limit: int, max_new_tokens: int) -> dict[str
                    split_examples(load_seq2seq_records(run.data), run.eval_fraction, run.train.seed)[1])
         scored = evaluate_seq2seq(model, tokenizer, records[:limit], max_new_tokens=max_new_tokens,
                                   batch_size=run.train.batch_size, max_length=run.train.max_length)
-        return {key: scored[key] for key in ("bleu", "rouge_l")} | {"scored_examples": scored["examples"]}
-    return {}
+        return {key: scored[key] for key in ("bleu", "rouge_l")} | {"scored_examples": scored["examples"]}, []
+    return {}, []
+
+
+def measure_base(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The untrained model on the same held-out data: the row every method is read against."""
+    import torch
+
+    from deltatune.config import build_run
+    from deltatune.pretrained import load_model, load_tokenizer, pad_token_id
+    from deltatune.runner import run_data, run_task
+    from deltatune.train import evaluate
+
+    run = build_run(spec["settings"])
+    tokenizer = load_tokenizer(run.model, run.trust_remote_code)
+    task = run_task(run)
+    with contextlib.redirect_stdout(io.StringIO()):  # the data's warnings are shown by the runs
+        data = run_data(run, tokenizer, task)
+    torch.manual_seed(run.train.seed)  # a classifier's fresh head: the same one every run starts from
+    model = load_model(run.model, task, run.dtype, run.trust_remote_code, labels=data.labels,
+                       pad_token_id=pad_token_id(tokenizer))
+    with torch.no_grad():
+        loss = evaluate(model, data.eval, run.train, pad_token_id(tokenizer), collate_fn=data.collate) if data.eval else None
+        quality, samples = held_out_metrics(run, model, limit=spec.get("eval_examples", EVAL_EXAMPLES),
+                                            max_new_tokens=spec.get("max_new_tokens", MAX_NEW_TOKENS))
+    metrics = ({"loss": loss, "perplexity": _perplexity(loss)} if loss is not None else {}) | quality
+    return {"method": "base", "status": "reference", "reason": "the model before training, on the same held-out data",
+            "total_parameters": sum(p.numel() for p in model.parameters()), "eval_loss": loss,
+            "metrics": metrics, "samples": samples}
 
 
 def _count_step_memory(model, batch: Mapping[str, Any], bf16: bool) -> dict[str, float]:
@@ -341,7 +383,7 @@ def _perplexity(loss: float | None) -> float | None:
 def _worker(spec_path: str, result_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     try:
-        result = measure_run(spec)
+        result = measure_base(spec) if spec.get("base_only") else measure_run(spec)
     except DeltatuneError as error:
         result = {"method": spec["method"], "status": "refused", "reason": str(error)}
     except Exception as error:  # noqa: BLE001 — one method's failure is a row in the table, not the end

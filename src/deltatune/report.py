@@ -25,9 +25,10 @@ KIND_COLOURS = {"parameters": "#4c72b0", "gradients": "#dd8452", "optimizer_stat
 def write_report(path: str | Path, results: Sequence[Mapping[str, Any]], task: Mapping[str, Any]) -> Path:
     """Write the comparison page to ``path`` (through a temporary file and a rename)."""
     done = [result for result in results if result.get("status") == "ok"]
+    base = next((result for result in results if result.get("status") == "reference"), None)
     sections = [
         ("Training loss", _loss_plot(done)),
-        ("Held-out quality against trainable parameters", _quality_plot(done)),
+        ("Held-out quality against trainable parameters", _quality_plot(done, base)),
         ("What one training step holds in memory", _memory_plot(done)),
         ("Time per training step", _time_plot(done)),
     ]
@@ -42,6 +43,7 @@ def write_report(path: str | Path, results: Sequence[Mapping[str, Any]], task: M
     ]
     for title, svg in sections:
         body.append(f"<section><h2>{html.escape(title)}</h2>{svg if svg else '<p>no completed run to plot</p>'}</section>")
+    body.append(_samples(results))
     page = ("<!doctype html><html lang=en><head><meta charset=utf-8><title>deltatune compare</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
     atomic_write_text(path, page)
@@ -52,7 +54,7 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;font-size:14px}th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}
 th:first-child,td:first-child{text-align:left}td.reason{text-align:left;color:#a33}
-.note,.task{color:#555;font-size:14px}section svg{max-width:100%;height:auto}
+.note,.task{color:#555;font-size:14px}td.text{text-align:left;max-width:800px}h3{font-size:15px}section svg{max-width:100%;height:auto}
 """
 
 
@@ -71,13 +73,19 @@ def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
     rows = ["<table id=results><tr>" + "".join(f"<th>{name}</th>" for name in head) + "</tr>"]
     for result in results:
         method = html.escape(str(result["method"]))
+        metrics = result.get("metrics") or {}
+        shown = [name for name in METRIC_ORDER if metrics.get(name) is not None]
+        if result.get("status") == "reference":
+            loss = "-" if result.get("eval_loss") is None else f"{result['eval_loss']:.3f}"
+            rows.append(f"<tr data-method='{method}'><td>{method} (untrained)</td><td colspan=6></td>"
+                        f"<td>{loss}</td><td>{html.escape(', '.join(f'{n} {metrics[n]:.4g}' for n in shown) or '-')}</td>"
+                        f"<td colspan=2></td></tr>")
+            continue
         if result.get("status") != "ok":
             reason = html.escape(f"{result.get('status')}: {result.get('reason', '')}")
             rows.append(f"<tr data-method='{method}'><td>{method}</td><td class=reason colspan={len(head) - 1}>"
                         f"{reason}</td></tr>")
             continue
-        metrics = result.get("metrics") or {}
-        shown = [name for name in METRIC_ORDER if metrics.get(name) is not None]
         loss = (f"{result['eval_loss_start']:.3f} → {result['eval_loss']:.3f}"
                 if result.get("eval_loss") is not None and result.get("eval_loss_start") is not None else "-")
         cells = (f"{result['trainable_parameters']:,}", f"{result['trainable_percent']:.3g}",
@@ -126,7 +134,7 @@ def _loss_plot(results: Sequence[Mapping[str, Any]]) -> str | None:
     return _svg(figure)
 
 
-def _quality_plot(results: Sequence[Mapping[str, Any]]) -> str | None:
+def _quality_plot(results: Sequence[Mapping[str, Any]], base: Mapping[str, Any] | None = None) -> str | None:
     from deltatune.compare import headline_metric
 
     points = []
@@ -142,6 +150,11 @@ def _quality_plot(results: Sequence[Mapping[str, Any]]) -> str | None:
         marker = axes.scatter([percent], [value], s=40)
         marker.set_gid(f"series-quality-{method}")
         axes.annotate(method, (percent, value), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    reference = headline_metric(base) if base else None
+    if reference and reference[0] in names and math.isfinite(reference[1]):
+        line = axes.axhline(reference[1], color="#888", linestyle="--", linewidth=1, label="untrained model")
+        line.set_gid("series-quality-base")
+        axes.legend(fontsize=8)
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters (% of the model, log scale)")
     lower_better = {"perplexity", "loss"}
@@ -179,3 +192,20 @@ def _time_plot(results: Sequence[Mapping[str, Any]]) -> str | None:
     axes.invert_yaxis()
     axes.set_xlabel("seconds per training step")
     return _svg(figure)
+
+
+def _samples(results: Sequence[Mapping[str, Any]]) -> str:
+    """The first held-out prompts, each with every method's greedy output and one reference."""
+    runs = [result for result in results if result.get("samples")]
+    if not runs:
+        return ""
+    parts = ["<section><h2>Held-out generations</h2>"]
+    for index, sample in enumerate(runs[0]["samples"]):
+        parts.append(f"<h3>{html.escape(sample['prompt'].strip())}</h3><table class=samples>"
+                     f"<tr><td>reference</td><td class=text>{html.escape(sample['reference'])}</td></tr>")
+        for result in runs:
+            if index < len(result["samples"]):
+                parts.append(f"<tr><td>{html.escape(str(result['method']))}</td>"
+                             f"<td class=text>{html.escape(result['samples'][index]['output'])}</td></tr>")
+        parts.append("</table>")
+    return "".join(parts) + "</section>"
