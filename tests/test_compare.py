@@ -212,3 +212,30 @@ def test_the_untrained_model_is_the_reference_row(compared):
             assert [sample["prompt"] for sample in result["samples"]] == [sample["prompt"] for sample in base["samples"]]
     page = (output / "report.html").read_text()
     assert "Held-out generations" in page and "series-quality-base" in page
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_ends_when_the_comparison_is_killed(tmp_path):
+    """A SIGKILLed `deltatune compare` (a CI timeout, the OOM killer) leaves no training run behind."""
+    import os
+    import time
+
+    script = ("import os, subprocess, sys, time\n"
+              "env = {**os.environ, 'DELTATUNE_COMPARE_PARENT': str(os.getpid())}\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time, deltatune.compare as c; "
+              "c._die_with_parent(); print(flush=True); time.sleep(120)'], env=env, stdout=subprocess.PIPE, text=True)\n"
+              "child.stdout.readline()\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, 9)
+    pytest.fail("the worker outlived the comparison that started it")

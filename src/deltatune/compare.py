@@ -52,6 +52,7 @@ BUNDLED_TRAIN = {"max_steps": 80, "batch_size": 16, "max_length": 384, "seed": 0
 COMPARE_TRAIN = {"log_every": 1, "eval_every": 0, "save_every": 0}
 EVAL_EXAMPLES = 64  # held-out examples scored with the task's metric (generation is the slow part)
 MAX_NEW_TOKENS = 64
+PARENT_VARIABLE = "DELTATUNE_COMPARE_PARENT"  # the worker ends if this process is not its parent any more
 SAMPLES = 3  # held-out generations kept per method (results.json, report.html)
 
 
@@ -169,7 +170,8 @@ def _run_in_child(spec: dict[str, Any], *, overwrite: bool, progress: bool) -> d
         spec_path, result_path = Path(scratch) / "spec.json", Path(scratch) / "result.json"
         spec_path.write_text(json.dumps({**spec, "overwrite": overwrite, "progress": progress}), encoding="utf-8")
         started = time.perf_counter()
-        finished = subprocess.run([sys.executable, "-m", "deltatune.compare", str(spec_path), str(result_path)])
+        finished = subprocess.run([sys.executable, "-m", "deltatune.compare", str(spec_path), str(result_path)],
+                                  env={**os.environ, PARENT_VARIABLE: str(os.getpid())})
         if result_path.is_file():
             result = json.loads(result_path.read_text(encoding="utf-8"))
         else:
@@ -380,8 +382,28 @@ def _perplexity(loss: float | None) -> float | None:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def _die_with_parent() -> None:
+    """On Linux, end this worker when the comparison that started it ends (even by SIGKILL)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.environ.get(PARENT_VARIABLE, str(os.getppid())) != str(os.getppid()):  # gone before the call
+        sys.exit(1)
+
+
 def _worker(spec_path: str, result_path: str) -> int:
+    _die_with_parent()
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    if not spec.get("progress", True):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # e.g. "Converting and de-quantizing GGUF tensors"
     try:
         result = measure_base(spec) if spec.get("base_only") else measure_run(spec)
     except DeltatuneError as error:
