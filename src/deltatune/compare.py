@@ -411,14 +411,8 @@ def _worker(spec_path: str, result_path: str) -> int:
     except Exception as error:  # noqa: BLE001 — one method's failure is a row in the table, not the end
         traceback.print_exc()
         result = {"method": spec["method"], "status": "failed", "reason": f"{type(error).__name__}: {error}"}
-    atomic_write_text(result_path, json.dumps(result, default=_plain))
+    atomic_write_text(result_path, json.dumps(result, default=str))  # e.g. a Path in the settings
     return 0
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return str(value)
 
 
 if __name__ == "__main__":
