@@ -6,6 +6,7 @@ left out. Each round times every variant once, in a rotating order; the table gi
 over rounds of the per-round ratio variant / base. Goal: within 1.10× of the base.
 
     python benchmarks/decode_overhead.py [--rounds 15] [--tokens 48] [--model stories260K|llama27M] [--json out.json]
+    python benchmarks/decode_overhead.py --quick          # smoke run: 2 rounds of 8 tokens, numbers meaningless
 """
 
 from __future__ import annotations
@@ -65,7 +66,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--json")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 8 tokens")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.tokens = 2, 8
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     models = variants(args.model)
     prompt = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))

@@ -18,7 +18,8 @@ What is measured
   packed storage), for fp32, bf16, and the QLoRA base (NF4 linear layers, the rest in fp32 or
   bf16). It is what the tensors hold, not the process RSS.
 - the base's held-out loss per token on 24 bundled E2E examples, full precision vs NF4: what
-  the quantisation costs before any training.
+  the quantisation costs before any training; and the start of a PiSSA-initialised QLoRA (rank 8,
+  QPiSSA: deq(nf4(W − s·B₀A₀)) + s·B₀A₀), whose quantisation error is the residual's.
 - training, QLoRA vs LoRA (all-linear, rank 8, α 16, fp32 compute, AdamW, the same batch of
   random token ids), INTERLEAVED in one process: each round takes one timed step of each
   variant, alternating which goes first. Step time: median over rounds, and the median of the
@@ -100,6 +101,10 @@ def storage_figures(name: str, smollm2: str | None) -> dict:
                    bits_per_weight=nf4_bits_per_weight(quantized),
                    nf4_linear_fp32_rest_mib=tensor_bytes(quantized) / MIB, nf4_loss=held_out_loss(quantized, tokenizer))
     del fp32, quantized
+    gc.collect()
+    qpissa = dt.QLoRA(rank=RANK, alpha=ALPHA, init="pissa").prepare_base(load(name, smollm2, torch.float32)[0])
+    figures["qpissa_rank8_loss"] = held_out_loss(qpissa, tokenizer)  # the model a QPiSSA adapter starts from
+    del qpissa
     gc.collect()
     bf16, _ = load(name, smollm2, torch.bfloat16)
     figures["bf16_mib"] = tensor_bytes(bf16) / MIB
@@ -203,7 +208,8 @@ def main() -> None:
               f"{figures['bits_per_weight']:.4f} bits/weight; whole model fp32 {figures['fp32_mib']:.2f} MiB, "
               f"bf16 {figures['bf16_mib']:.2f} MiB, NF4 + fp32 rest {figures['nf4_linear_fp32_rest_mib']:.2f} MiB, "
               f"NF4 + bf16 rest {figures['nf4_linear_bf16_rest_mib']:.2f} MiB; held-out loss fp32 "
-              f"{figures['fp32_loss']:.4f}, NF4 {figures['nf4_loss']:.4f}", flush=True)
+              f"{figures['fp32_loss']:.4f}, NF4 {figures['nf4_loss']:.4f}, QPiSSA rank 8 start "
+              f"{figures['qpissa_rank8_loss']:.4f}", flush=True)
     if args.train_on != "none":
         name = "SmolLM2-135M" if args.train_on == "smollm2" else "stories260K"
         report["training"] = figures = training_figures(name, args.smollm2, args.rounds, args.batch, args.length,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -194,3 +195,47 @@ def test_full_and_freeze_write_a_model_folder_that_generate_and_info_read(method
     shown = capsys.readouterr().out
     assert f"{method} (a whole model folder" in shown and "260,032" in shown
     assert main(["generate", "--model", str(output), "--prompt", "name : Aromi |", "--max-new-tokens", "3"]) == 0
+
+
+def test_resuming_a_finished_run_prints_valid_json(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a b", "completion": " c d"}] * 4)
+    argv = ["train", "--quiet", "--model", MODEL, "--data", str(data), "--output", str(tmp_path / "out"),
+            "--max-steps", "1", "batch_size=2", "eval_fraction=0"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON: {line}"))
+    assert summary["steps"] == 1 and summary["train_loss"] is None
+
+
+def test_generating_past_the_model_context_is_one_sentence(capsys):
+    error = run_error(["generate", "--model", MODEL, "--prompt", "Once upon a time", "--max-new-tokens", "100000"],
+                      capsys)
+    assert "plus max_new_tokens=100000 runs past the model's context of 512 positions: lower max_new_tokens to " \
+           "at most" in error
+
+
+def test_data_warnings_go_to_stderr(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": " b c d e f g h i j k l m n o p"}] * 4)
+    assert main(["train", "--quiet", "--model", MODEL, "--data", str(data), "--output", str(tmp_path / "out"),
+                 "--max-steps", "1", "batch_size=2", "eval_fraction=0", "max_length=8"]) == 0
+    captured = capsys.readouterr()
+    assert "deltatune: warning:" in captured.err and "truncated 4 of 4 examples" in captured.err
+    assert "deltatune: warning" not in captured.out
+    json.loads(captured.out.strip().splitlines()[-1])  # stdout stays the machine-readable summary
+
+
+def test_the_same_seed_gives_bit_identical_adapters_whatever_the_hash_seed(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"item {k}", "completion": f" answer {k}"} for k in range(8)])
+    outputs = []
+    for hash_seed in ("1", "2"):
+        output = tmp_path / f"out-{hash_seed}"
+        done = subprocess.run([sys.executable, "-m", "deltatune", "train", "--quiet", "--model", MODEL, "--data",
+                               str(data), "--output", str(output), "--max-steps", "3", "targets=all-linear", "seed=5",
+                               "batch_size=2", "eval_fraction=0", "dropout=0.1"],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": hash_seed},
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append((output / "adapter_model.safetensors").read_bytes())
+    assert outputs[0] == outputs[1]

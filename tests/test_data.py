@@ -484,12 +484,46 @@ def test_a_run_truncates_and_packs_as_configured(tmp_path, capsys):
     run = build_run(settings)
     assert (run.packing, run.truncate) == (True, "left")
     result = run_training(run, progress=False)
-    printed = capsys.readouterr().out
-    assert re.search(r"packed 1475 training examples into \d+ rows of at most 200 tokens", printed)
-    assert re.search(r"truncated \d+ of 1475 examples to max_length=200 \(cut at the start, truncate=left\)", printed)
+    printed = capsys.readouterr()
+    assert re.search(r"packed 1475 training examples into \d+ rows of at most 200 tokens", printed.out)
+    assert re.search(r"warning: .*train.jsonl: truncated \d+ of 1475 examples to max_length=200 \(cut at the start, "
+                     r"truncate=left\)", printed.err)
     assert "truncate: left" in (tmp_path / "run" / "deltatune_run.yaml").read_text()
     assert result.tokens_per_s > 0 and math.isfinite(result.train_loss)
     with pytest.raises(DeltatuneError, match="truncate 'middle' is unknown: use one of right, left, skip"):
         build_run({**settings, "truncate": "middle"})
     with pytest.raises(DeltatuneError, match="packing must be true or false"):
         build_run({**settings, "packing": "yes"})
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "array"])
+def test_deeply_nested_json_is_one_sentence(tmp_path, layout):
+    nested = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / f"deep.{'jsonl' if layout == 'jsonl' else 'json'}"
+    record = '{"prompt": "a", "completion": ' + nested + "}"
+    path.write_text(record + "\n" if layout == "jsonl" else "[" + record + "]", encoding="utf-8")
+    with pytest.raises(DeltatuneError, match="nests its JSON deeper than it can be read"):
+        load_examples(path)
+    from deltatune.task_data import read_rows
+
+    table = tmp_path / f"deep-rows.{'jsonl' if layout == 'jsonl' else 'json'}"
+    table.write_text(path.read_text(encoding="utf-8").replace('"prompt"', '"text"'), encoding="utf-8")
+    with pytest.raises(DeltatuneError, match="nests its JSON deeper than it can be read"):
+        read_rows(table)
+
+
+def test_a_lone_surrogate_in_the_data_is_one_sentence(tmp_path):
+    from deltatune.task_data import load_classification_records, load_seq2seq_records
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok", "completion": "x\\ud800y"}\n', encoding="utf-8")
+    with pytest.raises(DeltatuneError, match=r"bad.jsonl line 1 has an unpaired surrogate '\\ud800' in 'completion'"):
+        load_examples(path)
+    path.write_text('{"text": "x\\udc00", "label": "a"}\n', encoding="utf-8")
+    with pytest.raises(DeltatuneError, match="unpaired surrogate"):
+        load_classification_records(path)
+    path.write_text('{"source": "\\ud800", "target": "b"}\n', encoding="utf-8")
+    with pytest.raises(DeltatuneError, match="unpaired surrogate"):
+        load_seq2seq_records(path)
+    path.write_text('{"prompt": "a pair is fine \\ud83d\\ude00", "completion": "b"}\n', encoding="utf-8")
+    assert load_examples(path)[0].prompt.endswith("\U0001F600")

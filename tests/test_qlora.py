@@ -21,8 +21,9 @@ from deltatune.data import load_examples, tokenize_examples
 from deltatune.errors import DeltatuneError
 from deltatune.merge_report import merge_with_report
 from deltatune.methods.base_weight import NF4Layout, NF4Weight, nf4_layout, quantize_nf4
-from deltatune.methods.lora import LoRALayer
-from deltatune.methods.qlora import nf4_bits_per_weight
+from deltatune.methods.lora import LoRALayer, lora_delta, svd_init
+from deltatune.methods.qlora import nf4_bits_per_weight, quantized_layers
+from deltatune.nf4_model import INDEX_NAME, WEIGHTS_NAME, load_nf4_model, save_nf4_model
 from deltatune.peft_format import load_adapter_tensors
 from deltatune.pretrained import bundled, load_causal_lm, load_tokenizer
 from deltatune.train import TrainConfig, train
@@ -112,6 +113,36 @@ def test_the_weight_gets_no_gradient_and_backward_needs_no_dense_copy():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         layer(x).sum()
     assert not any(t.shape == layer.weight.shape for t in saved)  # the (32 × 64) weight is never saved dense
+
+
+def holds_no_dense_copy(weight: NF4Weight) -> bool:
+    """An NF4 weight is a wrapper without storage of its own; a dense tensor pushed into it through
+    ``param.data = ...`` (what ``module.to(dtype)`` did before) would give it one."""
+    with torch._C.DisableTorchFunctionSubclass():
+        try:
+            torch.Tensor.untyped_storage(weight).data_ptr()
+        except RuntimeError:  # "invalid python storage": no bytes behind the wrapper
+            return True
+    return False
+
+
+def test_casting_the_model_keeps_the_nf4_codes_and_casts_the_rest():
+    model = dt.wrap(tiny_llama(), dt.QLoRA(rank=4))
+    randomize(model)
+    nf4 = {name: p for name, p in model.named_parameters() if isinstance(p, NF4Weight)}
+    codes = {name: p.packed.quantized_data for name, p in nf4.items()}
+    expected = {name: p.dequantize().to(torch.bfloat16) for name, p in nf4.items()}
+    model.to(torch.bfloat16)
+    after = dict(model.named_parameters())
+    for name in nf4:
+        weight = after[name]
+        assert isinstance(weight, NF4Weight) and weight.dtype == weight.stored_dtype == torch.bfloat16
+        assert weight.packed.quantized_data is codes[name] and holds_no_dense_copy(weight)  # still 4 bits, no copy
+        assert torch.equal(weight.dequantize(), expected[name])
+    assert all(p.dtype == torch.bfloat16 for name, p in after.items() if name not in nf4)  # LoRA, norms, embeddings
+    assert model(input_ids=ids()).logits.dtype == torch.bfloat16
+    merged = dt.merge(model)
+    assert all(type(p) is nn.Parameter and p.dtype == torch.bfloat16 for p in merged.parameters())
 
 
 def test_nf4_weights_survive_copies_and_moves_but_refuse_writes():
@@ -246,7 +277,123 @@ def test_the_merge_report_gives_float_noise_and_the_quantisation_error(tmp_path)
     assert report[1].max > 1e-3
 
 
-# --- settings and refusals -----------------------------------------------------------------
+# --- PiSSA init: the quantised residual (QPiSSA) --------------------------------------------
+def test_pissa_quantises_the_residual_so_the_start_is_closer_to_the_full_precision_model():
+    full_precision = tiny_llama()
+    plain = dt.wrap(tiny_llama(), dt.QLoRA(rank=8))
+    pissa = dt.wrap(tiny_llama(), dt.QLoRA(rank=8, init="pissa"))
+    for path, layer in pissa.delta_modules():
+        weight = full_precision.get_submodule(path).weight.detach()  # (out, in)
+        init_A, init_B, _ = svd_init(weight, 8, layer.scaling["default"])
+        assert torch.equal(layer.lora_A["default"], init_A) and torch.equal(layer.lora_B["default"], init_B)
+        residual = weight - lora_delta(init_A, init_B, layer.scaling["default"])  # W − s·B₀A₀
+        assert torch.equal(layer.base_layer.weight.dequantize(), quantize_nf4(residual).dequantize())
+        # what the model starts from, vs W: the residual's quantisation error, not W's
+        start = layer.base_layer.weight.dequantize() + lora_delta(init_A, init_B, layer.scaling["default"])
+        quantised = plain.get_submodule(path).base_layer.weight.dequantize()
+        # measured at seed 0: 0.45 to 0.71 of plain QLoRA's error, layer by layer (rank 8 of 32 removed)
+        assert (start - weight).norm() < 0.8 * (quantised - weight).norm(), path
+    reference = logits(full_precision, ids())
+    # measured: 0.48 of plain QLoRA's mean logit error
+    assert (logits(pissa, ids()) - reference).abs().mean() < 0.6 * (logits(plain, ids()) - reference).abs().mean()
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_a_pissa_adapter_reloads_onto_the_full_precision_base_to_the_same_codes(tmp_path, compute_dtype):
+    model = dt.wrap(tiny_llama(), dt.QLoRA(rank=4, init="pissa", compute_dtype=compute_dtype))
+    randomize(model)
+    dt.save(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["deltatune_quantization"]["pissa"]["rank"] == 4  # [A; A₀], [B, −B₀] on W
+    assert config["deltatune_quantized_base"].endswith("the adapter has rank 4 (the file: rank 8 on W)")  # for info
+    loaded = dt.load_adapter(tiny_llama(), tmp_path)
+    settings = lambda method: {k: v for k, v in method.describe().items() if k != "targets"}  # all-linear → names
+    assert settings(loaded.methods["default"]) == settings(model.methods["default"])
+    for (path, ours), (_, theirs) in zip(model.delta_modules(), loaded.delta_modules()):
+        for name in ("quantized_data", "quantized_scalers", "quantization_factor"):
+            assert torch.equal(getattr(ours.weight.packed, name), getattr(theirs.weight.packed, name)), path
+        assert torch.equal(ours.lora_A["default"], theirs.lora_A["default"])
+        assert all(torch.equal(a, b) for a, b in zip(ours.svd_init_state["default"], theirs.svd_init_state["default"]))
+    assert torch.equal(logits(loaded, ids()), logits(model, ids()))
+    with dt.disabled(model), dt.disabled(loaded):  # the base the adapter runs on: deq(nf4(W − s·B₀A₀)) + s·B₀A₀
+        assert torch.equal(logits(loaded, ids()), logits(model, ids()))
+
+
+def test_peft_reads_a_pissa_qlora_folder_as_the_rank_2r_lora_on_the_full_precision_base(tmp_path):
+    import peft
+
+    model = dt.wrap(tiny_llama(), dt.QLoRA(rank=4, init="pissa"))
+    randomize(model)
+    dt.save(model, tmp_path)
+    reference = model.methods["default"].reference_method()
+    assert (reference.rank, reference.alpha, reference.init) == (8, 32.0, "kaiming")
+    full_precision = dt.wrap(tiny_llama(), reference)
+    load_adapter_tensors(full_precision, "default", load_file(str(tmp_path / "adapter_model.safetensors")))
+    with pytest.warns(UserWarning, match="deltatune_quantization"):
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    assert torch.allclose(logits(theirs, ids()), logits(full_precision, ids()), atol=1e-5)
+    # the residual's quantisation error separates them: small, but not float noise
+    assert 1e-4 < (logits(theirs, ids()) - logits(model, ids())).abs().max() < 0.5
+    merged, report = merge_with_report(dt.load_adapter(tiny_llama(), tmp_path), tmp_path, tiny_llama, [list(range(3, 12))])
+    assert report[0].max < 1e-5 and report[1].max > 1e-4
+
+
+def test_pissa_needs_the_full_precision_weight():
+    model = dt.wrap(tiny_llama(), dt.QLoRA(rank=4))
+    with pytest.raises(DeltatuneError, match="already in NF4, and init='pissa' needs its full-precision weight"):
+        model.add_adapter("pissa", dt.QLoRA(rank=4, init="pissa"))
+
+
+# --- re-quantising a merged model ------------------------------------------------------------
+def test_requantize_stores_the_merged_weights_in_nf4_and_reports_what_it_costs(tmp_path):
+    model = dt.wrap(tiny_llama(), dt.QLoRA(rank=4, block_size=32))
+    randomize(model)
+    layouts = quantized_layers(model.base_model)
+    dt.save(model, tmp_path)
+    prompts = [list(range(3, 12)), list(range(40, 45))]
+    plain, _ = merge_with_report(dt.load_adapter(tiny_llama(), tmp_path), tmp_path, tiny_llama, prompts)
+    merged, report = merge_with_report(dt.load_adapter(tiny_llama(), tmp_path), tmp_path, tiny_llama, prompts,
+                                       requantize=True)
+    assert quantized_layers(merged) == layouts  # the same layers, layouts and compute dtype as the adapter's base
+    for path in layouts:  # nf4(deq(W_nf4) + s·B A), from the merged weights
+        assert torch.equal(merged.get_submodule(path).weight.dequantize(),
+                           quantize_nf4(plain.get_submodule(path).weight, 32).dequantize())
+    before = torch.cat([logits(plain, torch.tensor([p]))[0] for p in prompts])
+    after = torch.cat([logits(merged, torch.tensor([p]))[0] for p in prompts])
+    line = report[-1]
+    assert line.line().startswith("max / mean |logit difference| of the model re-quantised to NF4 vs the merged model")
+    assert line.max == pytest.approx((after - before).abs().max().item(), rel=1e-6)
+    assert line.mean == pytest.approx((after - before).abs().mean().item(), rel=1e-6)
+    assert 1e-4 < line.max
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])  # GPT-2: Conv1D weights, a tied head
+def test_an_nf4_model_folder_loads_back_to_the_same_codes(tmp_path, make):
+    model = dt.merge(dt.wrap(make(), dt.QLoRA(rank=4)))
+    from deltatune.methods.qlora import requantize
+
+    requantize(model)  # a plain model: QLoRA's defaults
+    save_nf4_model(model, tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()  # transformers alone refuses it, it does not guess
+    loaded = load_nf4_model(tmp_path, type(model))
+    ours, theirs = dict(model.named_parameters()), dict(loaded.named_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, weight in ours.items():
+        if isinstance(weight, NF4Weight):
+            assert isinstance(theirs[name], NF4Weight) and theirs[name].layout == weight.layout
+            assert torch.equal(theirs[name].packed.quantized_data, weight.packed.quantized_data)
+        else:
+            assert torch.equal(theirs[name], weight)
+    assert torch.equal(logits(loaded, ids()), logits(model, ids()))
+    if make is tiny_gpt2:
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    (tmp_path / INDEX_NAME).write_text(json.dumps({**index, "format": "other/9"}))
+    with pytest.raises(DeltatuneError, match="is not a deltatune-nf4-model/1 index"):
+        load_nf4_model(tmp_path, type(model))
+
+
+
 def test_a_second_adapter_shares_the_quantised_base_and_must_agree_on_its_settings():
     model = dt.wrap(tiny_llama(), dt.QLoRA(rank=4))
     weight = model.base_model.model.layers[0].self_attn.q_proj.weight
@@ -266,7 +413,6 @@ def test_quantising_under_an_adapter_that_runs_on_full_precision_weights_is_refu
 @pytest.mark.parametrize("settings,message", [
     ({"block_size": 63}, "block_size must be even"),
     ({"compute_dtype": "float16"}, "compute_dtype 'float16' is unknown"),
-    ({"init": "pissa"}, "init='pissa'"),
     ({"scaler_block_size": 0}, "scaler_block_size must be a whole number"),
 ])
 def test_bad_settings_are_refused_in_one_sentence(settings, message):
@@ -277,6 +423,18 @@ def test_bad_settings_are_refused_in_one_sentence(settings, message):
 def test_the_bitsandbytes_backend_is_refused_in_one_sentence():
     with pytest.raises(DeltatuneError, match="backend='bitsandbytes'.*use backend='torchao'"):
         dt.wrap(tiny_llama(), dt.QLoRA(backend="bitsandbytes"))
+
+
+def test_asking_for_the_gpu_only_backend_on_a_cpu_machine_is_one_sentence_from_the_cli(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeltatuneError) as refused:
+        dt.wrap(tiny_llama(), dt.QLoRA(backend="bitsandbytes"))
+    assert str(refused.value) == ("backend='bitsandbytes' needs a CUDA GPU and this machine has none; use "
+                                  "backend='torchao', whose NF4 runs on CPU and GPU.")
+    assert main(["train", "--model", str(bundled("stories260K")), "--data", str(bundled("e2e/train.jsonl")),
+                 "--method", "qlora", "--max-steps", "1", "--output", str(tmp_path / "run"), "--quiet",
+                 "backend=bitsandbytes"]) == 1
+    assert capsys.readouterr().err.strip() == f"deltatune: error: {refused.value}"
 
 
 def test_bits_per_weight_of_the_bundled_model():
@@ -314,3 +472,13 @@ def test_the_cli_trains_reports_and_merges_on_bundled_defaults(tmp_path, capsys)
     assert noise < 1e-4 < quantisation
     plain = load_causal_lm(merged)
     assert all(type(p) is nn.Parameter for p in plain.parameters())
+    # --requantize: an NF4 folder, which deltatune loads and generates from; it replaces the plain weights
+    assert main(["merge", "--model", str(bundled("stories260K")), "--adapter", str(output), "--output", str(merged),
+                 "--overwrite", "--requantize"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "of the model re-quantised to NF4 vs the merged model before re-quantising" in lines[3]
+    assert (merged / WEIGHTS_NAME).is_file() and not (merged / "model.safetensors").exists()
+    quantised = load_causal_lm(merged)
+    assert sum(isinstance(p, NF4Weight) for p in quantised.parameters()) == 35
+    assert main(["generate", "--model", str(merged), "--prompt", "Once upon a time", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("Once upon a time")

@@ -485,3 +485,57 @@ def test_predict_reads_the_columns_the_run_was_trained_with(folders, tmp_path, c
     err = cli_error(["predict", "--model", str(folders["bert"]), "--adapter", str(output), "--data", str(unlabelled),
                      "--output", str(tmp_path / "r.jsonl"), "--label-column", "stars"], capsys)
     assert "new.jsonl has no label column 'stars'" in err
+
+
+def _headerless(path: Path, rows) -> Path:
+    path.write_text("".join(f"{text}\t{label}\n" for text, label in rows), encoding="utf-8")
+    return path
+
+
+def test_a_headerless_table_reads_with_columns_and_its_first_row_is_data(tmp_path, capsys):
+    # ChnSentiCorp's layout: text<TAB>label, no header row
+    rows = [("房间太小。其他的都一般", "negative"), ("服务很好，下次还来", "positive"), ("太吵了", "negative")]
+    path = _headerless(tmp_path / "reviews.tsv", rows)
+    records = load_classification_records(path, columns=("text", "label"))
+    assert [(r.text, r.label) for r in records] == rows
+    assert records[0].where == f"{path} line 1"
+    with pytest.raises(DeltatuneError, match=r"first row is data.*columns=text,label"):
+        load_classification_records(path)
+    with pytest.raises(DeltatuneError, match="line 2 has 3 cells but the columns setting names 2"):
+        load_classification_records(_headerless(tmp_path / "bad.tsv", [("a", "b"), ("c\td", "e")]),
+                                    columns=("text", "label"))
+    with pytest.raises(DeltatuneError, match="is JSON, whose records name their own fields"):
+        load_classification_records(write_jsonl(tmp_path / "r.jsonl", [{"text": "a", "label": "b"}]),
+                                    columns=("text", "label"))
+    seq = tmp_path / "pairs.tsv"
+    seq.write_text("hello\tbonjour\n", encoding="utf-8")
+    assert load_seq2seq_records(seq, ("source", "target"))[0].target == "bonjour"
+
+
+@pytest.mark.parametrize("value, expected", [("text,label", ("text", "label")), (["text", "label"], ("text", "label")),
+                                             (None, None)])
+def test_columns_setting_is_a_list_of_distinct_names(value, expected, tmp_path):
+    settings = {"model": "m", "data": "d.tsv", "output": str(tmp_path), "columns": value}
+    assert build_run(merge_settings(settings)).columns == expected
+
+
+@pytest.mark.parametrize("value", ["text,text", [], [1, 2], "text,", 5])
+def test_bad_columns_settings_are_one_sentence(value, tmp_path):
+    with pytest.raises(DeltatuneError, match="columns"):
+        build_run(merge_settings({"model": "m", "data": "d.tsv", "output": str(tmp_path), "columns": value}))
+
+
+def test_headerless_training_data_trains_and_predict_reuses_its_columns(folders, tmp_path, capsys):
+    data = _headerless(tmp_path / "train.tsv", SENTENCES * 2)
+    output = tmp_path / "run"
+    _train(["--model", str(folders["bert"]), "--data", str(data), "--output", str(output), "--max-steps", "1",
+            "task=classification", "columns=text,label", "max_length=16", "eval_fraction=0"])
+    assert read_labels(output) == ["neg", "pos"]
+    capsys.readouterr()
+    assert main(["predict", "--model", str(folders["bert"]), "--adapter", str(output), "--data", str(data),
+                 "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == len(SENTENCES) * 2
+    capsys.readouterr()
+    assert main(["eval", "--model", str(folders["bert"]), "--adapter", str(output), "--data", str(data),
+                 "--columns", "text,label", "--json", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["examples"] == len(SENTENCES) * 2

@@ -11,12 +11,17 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from deltatune.errors import DeltatuneError
+from deltatune.validation import require_writable_path
+
+if TYPE_CHECKING:
+    from deltatune.peft_format import AdapterFiles
 
 def cmd_train(args: argparse.Namespace) -> None:
     from deltatune.config import build_run, merge_settings, parse_overrides, read_yaml
+    from deltatune.distributed import is_main_process, launch
     from deltatune.runner import run_training
 
     flags = {"model": args.model, "data": args.data, "eval_data": args.eval_data, "method": args.method,
@@ -24,24 +29,38 @@ def cmd_train(args: argparse.Namespace) -> None:
     run = build_run(merge_settings(read_yaml(args.config) if args.config else {},
                                    {k: v for k, v in flags.items() if v is not None},
                                    parse_overrides(args.overrides)))
+    require_writable_path("--output", run.output, folder=True)
+    if args.nproc is not None:  # settings checked once, here; then torchrun runs this command again in N processes
+        status = launch(args.nproc, args.argv)
+        if status:
+            raise DeltatuneError(f"the {args.nproc} training processes stopped with exit status {status}; the first "
+                                 "error above says why")
+        return
     result = run_training(run, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
-    summary = {"output": run.output, "steps": result.step, "train_loss": round(result.train_loss, 4),
+    finite = math.isfinite(result.train_loss)  # nan when --resume found the run already finished
+    summary = {"output": run.output, "steps": result.step, "train_loss": round(result.train_loss, 4) if finite else None,
                "eval_loss": round(result.eval_losses[-1][1], 4) if result.eval_losses else None,
                "tokens_per_s": round(result.tokens_per_s)}
-    print(json.dumps(summary))
+    if is_main_process():
+        print(json.dumps(summary))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from deltatune.atomic import check_output_folder, files_into
     from deltatune.merge_report import merge_with_report, prompt_ids
+    from deltatune.nf4_model import save_model_folder
     from deltatune.pretrained import load_trained, write_labels
 
     check_output_folder(args.output, overwrite=args.overwrite, reads=(args.model, args.adapter))
-    model, tokenizer, task, labels = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code)
-    load_base = lambda: load_trained(args.model, None, args.dtype, args.trust_remote_code, task=task)[0]
-    merged, report = merge_with_report(model, args.adapter, load_base, prompt_ids(tokenizer))  # dt.merge, measured
+    require_writable_path("--output", args.output, folder=True)
+    model, tokenizer, task, labels = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code,
+                                                  allow_pickle=args.allow_pickle)
+    load_base = lambda: load_trained(args.model, None, args.dtype, args.trust_remote_code, task=task,
+                                     allow_pickle=args.allow_pickle)[0]
+    merged, report = merge_with_report(model, args.adapter, load_base, prompt_ids(tokenizer),  # dt.merge, measured
+                                       requantize=args.requantize)
     with files_into(args.output) as staging:
-        merged.save_pretrained(staging)
+        save_model_folder(merged, staging, replacing=args.output)  # plain safetensors, or NF4 with --requantize
         tokenizer.save_pretrained(staging)
         if labels is not None:
             write_labels(staging, labels)
@@ -55,11 +74,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from deltatune.predict import generate_seq2seq
     from deltatune.pretrained import load_trained
 
-    model, tokenizer, task, _ = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code)
+    prompt = _prompt_text(args.prompt, args.escapes)
+    _check_sampling(args)
+    model, tokenizer, task, _ = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code,
+                                             allow_pickle=args.allow_pickle)
     if task == "classification":
         raise DeltatuneError(f"{args.adapter or args.model} is a classifier, which generates no text; "
                              "use deltatune predict --data FILE --output FILE.jsonl instead.")
-    prompt = args.prompt.encode("utf-8").decode("unicode_escape") if args.escapes else args.prompt
     sampling = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
                 "temperature": args.temperature or 1.0}
     if task == "seq2seq":  # the decoder writes a new text: print it alone
@@ -74,14 +95,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from deltatune.pretrained import load_trained
     from deltatune.task_data import load_classification_records
 
-    model, tokenizer, task, labels = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code)
+    require_writable_path("--output", args.output)
+    _at_least("--batch-size", args.batch_size, 1)
+    if args.max_length is not None:
+        _at_least("--max-length", args.max_length, 1)
+    model, tokenizer, task, labels = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code,
+                                                  allow_pickle=args.allow_pickle)
     if task != "classification":
         raise DeltatuneError(f"{args.adapter or args.model} is a {task} model, not a classifier; "
                              "use deltatune generate for text.")
     trained = trained_settings(args.adapter or args.model)  # columns and max_length default to the run's own
     columns = {key: getattr(args, key) or trained.get(key) for key in ("text_column", "text_pair_column")}
     records = load_classification_records(args.data, **columns, label_column=args.label_column or trained.get(
-        "label_column"), require_labels=args.label_column is not None)  # else labels, when present, give accuracy
+        "label_column"), require_labels=args.label_column is not None,
+        columns=_columns(args.columns) or trained.get("columns"))  # else labels, when present, give accuracy
     max_length = args.max_length or trained.get("train", {}).get("max_length") or 512
     rows = predict_labels(model, tokenizer, records, labels, batch_size=args.batch_size, max_length=max_length)
     write_jsonl(rows, args.output)
@@ -97,7 +124,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from deltatune.evaluation import evaluate, infer_task, is_chinese
     from deltatune.pretrained import load_trained
 
-    model, tokenizer, task, head_labels = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code)
+    _check_sampling(args)
+    _at_least("--batch-size", args.batch_size, 1)
+    if not 0 <= args.seed < 2**63:
+        raise DeltatuneError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}: pass e.g. --seed 0")
+    if args.json:
+        require_writable_path("--json", args.json)
+    model, tokenizer, task, head_labels = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code,
+                                                       allow_pickle=args.allow_pickle)
     if task in ("classification", "seq2seq"):
         _eval_task_model(args, model, tokenizer, task, head_labels)
         return
@@ -125,6 +159,43 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _show_metrics(metrics, notes, args.json)
 
 
+def _prompt_text(prompt: str, escapes: bool) -> str:
+    """--prompt as text; with --escapes, \\n, \\t, \\xHH and \\uXXXX read as the characters they name
+    (every other character, é or 中 alike, stays as it is)."""
+    if escapes:
+        try:
+            prompt = prompt.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except UnicodeDecodeError as error:
+            raise DeltatuneError(f"--prompt has a broken escape at position {error.start} ({error.reason}); write \\\\ "
+                                 "for a backslash, or leave out --escapes.") from None
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DeltatuneError(f"--prompt holds {prompt[error.start]!r} at position {error.start}, which is not a "
+                             "character (bytes the terminal could not decode); pass UTF-8 text.") from None
+    return prompt
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """--max-new-tokens and --temperature, checked before a model is loaded."""
+    _at_least("--max-new-tokens", args.max_new_tokens, 1)
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise DeltatuneError(f"--temperature must be a finite number of at least 0 (0 is greedy), got "
+                             f"{args.temperature}: pass e.g. --temperature 0.7")
+
+
+def _at_least(flag: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise DeltatuneError(f"{flag} must be at least {minimum}, got {value}: pass e.g. {flag} {max(minimum, 8)}")
+
+
+def _columns(value: str | None) -> tuple[str, ...] | None:
+    """``--columns text,label``: the names of a headerless table's columns."""
+    from deltatune.config import table_columns
+
+    return table_columns(value)
+
+
 def _eval_task_model(args: argparse.Namespace, model: Any, tokenizer: Any, task: str, head_labels: Any) -> None:
     """``deltatune eval`` for a classification head or an encoder-decoder, on that task's records."""
     from deltatune.evaluation import evaluate_classifier, evaluate_seq2seq, is_chinese
@@ -133,13 +204,13 @@ def _eval_task_model(args: argparse.Namespace, model: Any, tokenizer: Any, task:
     if args.limit is not None and args.limit < 1:
         raise DeltatuneError(f"limit must be a whole number of at least 1, got {args.limit}: pass e.g. --limit 100")
     if task == "classification":
-        records = load_classification_records(args.data)[:args.limit]
+        records = load_classification_records(args.data, columns=_columns(args.columns))[:args.limit]
         metrics = evaluate_classifier(model, tokenizer, records, head_labels, batch_size=args.batch_size,
                                       max_length=args.max_length)
         notes = {"accuracy": "the classification head's most probable label", "f1": "macro over the labels",
                  "examples": f"records in {args.data}"}
     else:
-        records = load_seq2seq_records(args.data)[:args.limit]
+        records = load_seq2seq_records(args.data, _columns(args.columns))[:args.limit]
         chinese = is_chinese([record.target for record in records])
         metrics = evaluate_seq2seq(model, tokenizer, records, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, max_length=args.max_length,
@@ -177,22 +248,29 @@ INFO_KEYS = {  # peft config keys worth showing, in order, for whichever method 
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from deltatune.peft_format import TRAINING_STATE_NAME, read_adapter_folder, read_composition, read_method_description
-    from deltatune.runner import RUN_RECORD
+    from deltatune.peft_format import read_adapter, read_method_description
 
     folder = Path(args.adapter)
-    parts = read_composition(folder)
-    if parts is not None:  # a composition: one adapter folder per part, shown in turn
-        print(f"composition  {' + '.join(parts)} (active together, in this order; one adapter folder each)")
-        for part in parts:
-            print(f"\n[{part}]  {folder / part}")
-            cmd_info(argparse.Namespace(**{**vars(args), "adapter": str(folder / part)}))
-        return
-    described = read_method_description(args.adapter) or {}
+    described = read_method_description(folder) if folder.is_dir() else None
     if described and not (folder / "adapter_config.json").exists() and (folder / "config.json").is_file():
         _model_folder_info(folder, described)  # full fine-tuning: a whole model folder
         return
-    config, tensors = read_adapter_folder(args.adapter)
+    read = read_adapter(folder, args.allow_pickle)  # every file checked first: info shows only what loads
+    if read[0][0] is None:
+        _adapter_info(read[0][1])
+        return
+    print(f"composition  {' + '.join(name for name, _ in read)} (active together, in this order; one adapter "
+          "folder each)")
+    for name, files in read:
+        print(f"\n[{name}]  {files.folder}")
+        _adapter_info(files)
+
+
+def _adapter_info(files: AdapterFiles) -> None:
+    from deltatune.peft_format import TRAINING_STATE_NAME
+    from deltatune.runner import RUN_RECORD
+
+    folder, config, tensors, described = files.folder, files.config, files.tensors, files.described or {}
     rows: dict[str, Any] = {"method": f"{config.get('peft_type')}" + (f" ({described['method']})" if described else "")}
     rows.update({label: config[key] for key, label in INFO_KEYS.items() if config.get(key) not in (None, [], {})})
     rows["parameters"] = f"{sum(t.numel() for t in tensors.values()):,}"
@@ -212,15 +290,18 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def _model_folder_info(folder: Path, described: dict[str, Any]) -> None:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from deltatune.runner import RUN_RECORD
 
     shards = sorted(folder.glob("model*.safetensors"))
     count = 0
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as weights:
-            count += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
+        try:
+            with safe_open(str(shard), framework="pt") as weights:
+                count += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
+        except (SafetensorError, OSError) as error:
+            raise DeltatuneError(f"{shard} is not a readable safetensors file ({error}); save the model again.") from None
     rows = {"method": f"{described['method']} (a whole model folder: load it with from_pretrained)",
             "settings": json.dumps(described.get("settings", {})), "parameters": f"{count:,}",
             "loads in peft": "no: peft has no format for a whole fine-tuned model"}
@@ -234,6 +315,7 @@ def _model_folder_info(folder: Path, described: dict[str, Any]) -> None:
 def cmd_extract(args: argparse.Namespace) -> None:
     from deltatune.extract import extract_folder
 
+    require_writable_path("--output", args.output, folder=True)
     for line in extract_folder(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy,
                                include_other=args.include_other, overwrite=args.overwrite,
                                trust_remote_code=args.trust_remote_code):
@@ -244,6 +326,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from deltatune.compare import bundled_settings, compare, parse_methods, split_method_options
     from deltatune.config import merge_settings, parse_overrides, read_yaml
 
+    _at_least("--max-new-tokens", args.max_new_tokens, 1)
+    _at_least("--eval-examples", args.eval_examples, 0)
     methods = parse_methods(args.methods)
     shared, per_method = split_method_options(parse_overrides(args.overrides), methods)
     defaults = bundled_settings()
@@ -260,6 +344,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from deltatune.demo import run_demo
 
+    require_writable_path("--output", args.output, folder=True)
     run_demo(output=args.output, max_steps=args.max_steps, progress=not args.quiet)
 
 
@@ -283,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="write into an --output that holds files, replacing deltatune's own (others are kept)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--nproc", type=int, help="train on N processes of this machine: launches torchrun "
+                                                 "(for several machines run torchrun -m deltatune train yourself); "
+                                                 "docs/distributed.md")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.set_defaults(func=cmd_train)
 
@@ -292,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True)
     merge.add_argument("--overwrite", action="store_true",
                        help="write into an --output that holds files, replacing same-named files (others are kept)")
+    merge.add_argument("--requantize", action="store_true",
+                       help="store the merged linear weights in NF4 again and report the error that adds; writes "
+                            "deltatune's NF4 folder (deltatune loads it, transformers alone does not)")
     merge.set_defaults(func=cmd_merge)
 
     generate = commands.add_parser("generate", help="generate text, greedy by default")
@@ -323,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     evaluation.add_argument("--max-length", dest="max_length", type=int, default=1024,
                             help="tokens per example for the loss (cut from the right)")
+    evaluation.add_argument("--columns", help="column names of a TSV/CSV without a header row, e.g. text,label")
     evaluation.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     evaluation.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
                             help="run the model folder's own Python code (only for folders you trust)")
@@ -336,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "optional label: then the accuracy is printed)")
     predict.add_argument("--output", required=True, help="JSONL file to write")
     predict.add_argument("--text-column", dest="text_column", help="default: the run's own, else text or sentence")
+    predict.add_argument("--columns", help="column names of a TSV/CSV without a header row, e.g. text,label "
+                                           "(default: the run's own)")
     predict.add_argument("--text-pair-column", dest="text_pair_column")
     predict.add_argument("--label-column", dest="label_column", help="default: the run's own, else label (optional)")
     predict.add_argument("--batch-size", dest="batch_size", type=int, default=32)
@@ -351,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="method, rank, targets, size and base model of an adapter")
     info.add_argument("adapter")
     info.set_defaults(func=cmd_info)
+
+    for sub in (merge, generate, evaluation, predict, info):
+        sub.add_argument("--allow-pickle", dest="allow_pickle", action="store_true",
+                         help="read weights saved as pickles (.bin), tensors only (weights_only=True); only for "
+                              "files you trust — convert them to safetensors instead where you can")
 
     extract = commands.add_parser(
         "extract", help="turn a fine-tuned model (or a mergeable adapter) into a LoRA adapter by truncated SVD",
@@ -405,12 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc hands on to torchrun
     warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notices are not the user's concern
     try:
         args.func(args)
     except DeltatuneError as error:
         print(f"deltatune: error: {error}", file=sys.stderr)
-        return 1
+        return getattr(error, "exit_code", 1)  # training stopped by SIGINT/SIGTERM: 130/143, as a shell's
     except KeyboardInterrupt:
         print("deltatune: interrupted", file=sys.stderr)
         return 130

@@ -321,8 +321,8 @@ def held_out_metrics(run, model, *, limit: int, max_new_tokens: int) -> tuple[di
         from deltatune.evaluation import evaluate_seq2seq
         from deltatune.task_data import load_seq2seq_records
 
-        records = (load_seq2seq_records(run.eval_data) if run.eval_data else
-                   split_examples(load_seq2seq_records(run.data), run.eval_fraction, run.train.seed)[1])
+        records = (load_seq2seq_records(run.eval_data, run.columns) if run.eval_data else
+                   split_examples(load_seq2seq_records(run.data, run.columns), run.eval_fraction, run.train.seed)[1])
         scored = evaluate_seq2seq(model, tokenizer, records[:limit], max_new_tokens=max_new_tokens,
                                   batch_size=run.train.batch_size, max_length=run.train.max_length)
         return {key: scored[key] for key in ("bleu", "rouge_l")} | {"scored_examples": scored["examples"]}, []

@@ -40,6 +40,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import yaml
 
 from deltatune.data import TRUNCATE_POLICIES
+from deltatune.distributed import STRATEGIES
 from deltatune.errors import DeltatuneError
 from deltatune.methods import METHODS, Method, method_class
 from deltatune.methods.composition import Composition
@@ -62,10 +63,14 @@ RUN_DEFAULTS: dict[str, Any] = {
     "text_pair_column": None,
     "label_column": None,
     "labels": None,
+    "columns": None,  # the column names of a TSV/CSV table without a header row (its first row is data)
     # how examples longer than max_length are cut (right, left) or skipped, and whether short
     # examples are packed into full rows (attention kept inside each example) — see data
     "truncate": "right",
     "packing": False,
+    # under torchrun: ddp (every process holds the model), fsdp (FSDP2 shards it) or auto (ddp while
+    # it fits one device) — see deltatune.distributed and docs/distributed.md
+    "strategy": "auto",
 }
 DEFAULT_METHOD = "lora"
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -88,8 +93,10 @@ class RunConfig:
     text_pair_column: str | None = None
     label_column: str | None = None
     labels: tuple[str | int, ...] | None = None
+    columns: tuple[str, ...] | None = None
     truncate: str = "right"
     packing: bool = False
+    strategy: str = "auto"
 
     def as_settings(self) -> dict[str, Any]:
         """Every setting of the run, in the normalised sectioned form ``build_run`` reads back."""
@@ -102,13 +109,21 @@ class RunConfig:
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML settings file, read with the safe loader: plain data only (a ``!!python/...`` tag is an error)."""
     path = Path(path)
     if not path.is_file():
-        raise DeltatuneError(f"Config file {str(path)!r} does not exist; check the path given to --config.")
+        state = "is not a file" if path.exists() else "does not exist"
+        raise DeltatuneError(f"Config file {str(path)!r} {state}; check the path given to --config.")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except OSError as error:
+        raise DeltatuneError(f"Config file {path} cannot be read ({error.strerror or error}); check its permissions.") from None
+    except UnicodeDecodeError as error:
+        raise DeltatuneError(f"Config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8.") from None
     except yaml.YAMLError as error:
         raise DeltatuneError(f"Config file {path} is not valid YAML ({str(error).splitlines()[0]}); fix it.") from None
+    except RecursionError:
+        raise DeltatuneError(f"Config file {path} nests lists or mappings too deeply to be settings; fix it.") from None
     if not isinstance(loaded, dict):
         raise DeltatuneError(f"Config file {path} must be a mapping of key: value lines.")
     return loaded
@@ -123,7 +138,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
             raise DeltatuneError(f"Override {pair!r} is not of the form key=value (for example rank=16).")
         try:
             settings[key.strip()] = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):  # not YAML (nor a !!python tag, which safe_load never runs): text
             settings[key.strip()] = text
     return settings
 
@@ -286,6 +301,7 @@ def _build_one(run_keys: Mapping[str, Any], shared_train: Mapping[str, Any], nam
         **_task_settings(run_keys),
         truncate=require_choice("truncate", run_keys["truncate"], TRUNCATE_POLICIES),
         packing=require_bool("packing", run_keys["packing"]),
+        strategy=require_choice("strategy", run_keys["strategy"], STRATEGIES),
     )
 
 
@@ -310,7 +326,22 @@ def _task_settings(run_keys: Mapping[str, Any]) -> dict[str, Any]:
             raise DeltatuneError(f"labels must list at least two labels like [negative, positive], got {labels!r}: "
                                  "fix the config")
         labels = tuple(labels)
-    return {"task": task, **columns, "labels": labels}
+    return {"task": task, **columns, "labels": labels, "columns": table_columns(run_keys["columns"])}
+
+
+def table_columns(value: Any) -> tuple[str, ...] | None:
+    """``columns``: names for a headerless table's columns, as a list or ``text,label``."""
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",")] if isinstance(value, str) else value
+    if (not isinstance(names, (list, tuple)) or not names
+            or not all(isinstance(name, str) and name.strip() for name in names)):
+        raise DeltatuneError(f"columns must name a headerless table's columns, like [text, label], got {value!r}: "
+                             "fix the config")
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise DeltatuneError(f"columns names {repeated[0]!r} twice: give every column its own name")
+    return tuple(name.strip() for name in names)
 
 
 def _train_config(settings: Mapping[str, Any]) -> TrainConfig:

@@ -144,6 +144,8 @@ def _parse_array(path: Path, text: str) -> list[Any]:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise DeltatuneError(f"{path} line {error.lineno} is not valid JSON ({error.msg}): fix that line") from None
+    except RecursionError:
+        raise DeltatuneError(f"{path} nests its JSON deeper than it can be read: flatten its records") from None
 
 
 def _numbered(path: Path, lines: Iterator[bytes], number: int, first: str) -> Iterator[tuple[int, str]]:
@@ -162,6 +164,9 @@ def _parse_lines(path: Path, numbered: Iterator[tuple[int, str]]) -> Iterator[tu
             raise DeltatuneError(
                 f"{path} line {number} is not valid JSON ({error.msg}): fix or remove that line"
             ) from None
+        except RecursionError:
+            raise DeltatuneError(f"{path} line {number} nests its JSON deeper than it can be read: flatten that "
+                                 "record") from None
 
 
 def _parse_e2e_lines(path: Path, numbered: Iterator[tuple[int, str]]) -> Iterator[tuple[str, Any]]:
@@ -223,6 +228,19 @@ def _require_strings(where: str, fields: dict[str, Any]) -> None:
         if not isinstance(value, str):
             kind = type(value).__name__
             raise DeltatuneError(f"{where} has a {kind} where text is expected ({key!r}): make it a string")
+        require_unicode(where, key, value)
+
+
+def require_unicode(where: str, key: str, text: str) -> str:
+    """``text``, refused when it holds a lone surrogate (a JSON escape like \\ud800 alone), which no
+    tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DeltatuneError(f"{where} has an unpaired surrogate {text[error.start]!a} in {key!r}, which is not "
+                             "text: fix that escape (a character outside the BMP is a pair, like \\ud83d\\ude00)"
+                             ) from None
+    return text
 
 
 # --- tokenizing --------------------------------------------------------------------------------
@@ -360,17 +378,25 @@ def tokenize_examples(examples: Iterable[Example], tokenizer: Any, max_length: i
                       truncate: str = "right") -> list[dict[str, list[int]]]:
     """Tokenize every example by the ``truncate`` policy; one warning says how many were cut and
     one how many were dropped (skipped, or with no completion token left)."""
+    return [item for item in iter_tokenized(examples, tokenizer, max_length, encode, truncate) if item is not None]
+
+
+def iter_tokenized(examples: Iterable[Example], tokenizer: Any, max_length: int,
+                   encode: Callable[[str], list[int]] | None = None,
+                   truncate: str = "right") -> Iterator[dict[str, list[int]] | None]:
+    """``tokenize_example`` of each example as it is read (None for one that is dropped); once the
+    examples are exhausted, the warnings of ``tokenize_examples``."""
     _require_policy(truncate)
-    kept, total, truncated, skipped = [], 0, 0, 0
+    total, truncated, skipped = 0, 0, 0
     for example in examples:
         total += 1
         whole = full_ids(example, tokenizer, encode)
         item = _cut(whole, max_length, truncate, tokenizer.bos_token_id)
         if item is None:
             skipped += 1
-            continue
-        truncated += len(whole[0]) > max_length
-        kept.append(item)
+        else:
+            truncated += len(whole[0]) > max_length
+        yield item
     if truncated:
         side = "end" if truncate == "right" else "start"
         warnings.warn(f"truncated {truncated} of {total} examples to max_length={max_length} (cut at the {side}, "
@@ -379,7 +405,6 @@ def tokenize_examples(examples: Iterable[Example], tokenizer: Any, max_length: i
         reason = "longer than" if truncate == "skip" else "whose completion does not fit in"
         warnings.warn(f"skipped {skipped} of {total} examples {reason} max_length={max_length}; "
                       f"raise max_length to keep them", stacklevel=2)
-    return kept
 
 
 def _require_policy(truncate: str) -> None:
@@ -399,11 +424,18 @@ def pack_examples(items: Sequence[dict[str, list[int]]], max_length: int) -> lis
     attends outside its own example and each example's loss is what it would be alone.
     The packing is a pure function of ``items``, so resumed runs see the same rows.
     """
-    order = sorted(range(len(items)), key=lambda i: (-len(items[i]["input_ids"]), i))
+    return list(iter_packed_rows(items, max_length))
+
+
+def iter_packed_rows(items: Sequence[dict[str, list[int]]], max_length: int,
+                     lengths: Sequence[int] | None = None) -> Iterator[dict[str, list[int]]]:
+    """The rows of ``pack_examples``, one at a time (``lengths``: the items' token counts, if known)."""
+    lengths = [len(item["input_ids"]) for item in items] if lengths is None else lengths
+    order = sorted(range(len(items)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []  # example indices per row
     free: list[tuple[int, int]] = []  # (space left, row number), sorted
     for index in order:
-        length = len(items[index]["input_ids"])
+        length = int(lengths[index])
         if length > max_length:
             raise DeltatuneError(f"an example of {length} tokens is longer than max_length={max_length}, so it "
                                  f"cannot be packed: tokenize with the same max_length before packing")
@@ -415,16 +447,14 @@ def pack_examples(items: Sequence[dict[str, list[int]]], max_length: int) -> lis
             space, row = max_length, len(rows)
             rows.append([index])
         bisect.insort(free, (space - length, row))
-    packed = []
     for members in rows:
         members.sort()
-        packed.append({
-            "input_ids": [t for i in members for t in items[i]["input_ids"]],
-            "labels": [IGNORE_INDEX if p == 0 else t for i in members
-                       for p, t in enumerate(items[i]["labels"])],
-            "position_ids": [p for i in members for p in range(len(items[i]["input_ids"]))],
-        })
-    return packed
+        pieces = [items[i] for i in members]
+        yield {
+            "input_ids": [t for piece in pieces for t in piece["input_ids"]],
+            "labels": [IGNORE_INDEX if p == 0 else t for piece in pieces for p, t in enumerate(piece["labels"])],
+            "position_ids": [p for piece in pieces for p in range(len(piece["input_ids"]))],
+        }
 
 
 def packed_attention_mask(position_ids: torch.Tensor, lengths: Sequence[int],
@@ -517,13 +547,18 @@ Item = TypeVar("Item")
 
 def split_examples(examples: Sequence[Item], eval_fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
     """Shuffle with ``seed`` and hold out ``eval_fraction`` (at least one, never all) for eval."""
+    shuffled = list(examples)
+    eval_count = held_out_count(len(shuffled), eval_fraction)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[eval_count:], shuffled[:eval_count]
+
+
+def held_out_count(count: int, eval_fraction: float) -> int:
+    """How many of ``count`` examples ``split_examples`` holds out: at least one, never all."""
     if not 0 <= eval_fraction < 1:
         raise DeltatuneError(f"eval_fraction must be at least 0 and below 1, got {eval_fraction}: pick e.g. 0.05")
-    shuffled = list(examples)
-    random.Random(seed).shuffle(shuffled)
-    eval_count = max(1, round(len(shuffled) * eval_fraction)) if eval_fraction > 0 else 0
-    eval_count = max(0, min(eval_count, len(shuffled) - 1))
-    return shuffled[eval_count:], shuffled[:eval_count]
+    eval_count = max(1, round(count * eval_fraction)) if eval_fraction > 0 else 0
+    return max(0, min(eval_count, count - 1))
 
 
 def collate(batch: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

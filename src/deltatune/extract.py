@@ -35,12 +35,12 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.atomic import check_output_folder, files_into
 from deltatune.errors import DeltatuneError
-from deltatune.methods import LoRA, method_from_peft_config
+from deltatune.methods import LoRA
 from deltatune.methods.base_weight import stored_transposed
 from deltatune.methods.lora import LoRALayer
 from deltatune.methods.trained_copy import TrainedCopy, trained_modules
 from deltatune.model import DeltaModel, merge, wrap
-from deltatune.peft_format import CONFIG_NAME, load_adapter_tensors, read_adapter_folder, save_adapter
+from deltatune.peft_format import CONFIG_NAME, adapter_method, load_adapter_tensors, read_adapter_folder, save_adapter
 from deltatune.pretrained import infer_task, load_model, read_labels, trained_task, write_labels
 
 LINEAR = (nn.Linear, Conv1D)
@@ -233,7 +233,7 @@ def load_tuned(base_path: str | os.PathLike, tuned_path: str | os.PathLike,
     tuned_path = Path(tuned_path)
     if (tuned_path / CONFIG_NAME).is_file():
         config, tensors = read_adapter_folder(tuned_path)
-        method = method_from_peft_config(config).reference_method()
+        method = adapter_method(tuned_path, config).reference_method()
         if not method.capabilities().mergeable:
             raise DeltatuneError(f"--tuned {str(tuned_path)!r} holds a {method.cli_name} adapter, which does not fold into "
                                  "the weights; extract reads a model folder or a mergeable adapter (lora, freeze).")

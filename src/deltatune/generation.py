@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from deltatune.data import encode_prompt
+from deltatune.errors import DeltatuneError
 from deltatune.pretrained import pad_token_id
 
 __all__ = ["encode_prompt", "generate_ids", "generate_text", "prompt_encoder"]
@@ -43,6 +44,7 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, pad_toke
     stops += [] if eos_token_id is None or eos_token_id in stops else [eos_token_id]
     ends = {"eos_token_id": stops} if stops else {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    _require_context(model, max(len(prompts[i]) for i in order[-1:]) if prompts else 0, max_new_tokens)
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
@@ -56,6 +58,26 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, pad_toke
             end = next((k for k, token in enumerate(new) if token in stops), None)
             results[row] = new if end is None else new[:end + 1]
     return results
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The positions the model was trained on (``max_position_embeddings``, GPT-2's ``n_positions``)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _require_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    context = context_length(model)
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        room = context - prompt_tokens
+        fix = (f"lower max_new_tokens to at most {room}" if room > 0
+               else "shorten the prompt")
+        raise DeltatuneError(f"a prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} runs past the "
+                             f"model's context of {context} positions: {fix}")
 
 
 def generate_text(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
+import torch
 from torch import nn
 
 from deltatune.errors import DeltatuneError
@@ -60,14 +61,20 @@ class DeltaModel(nn.Module):
                                  "part under its own name and activate them with set_adapter([a, b]).")
         if not isinstance(method, Method):
             raise DeltatuneError(f"add_adapter needs a method such as deltatune.LoRA(rank=8), got {type(method).__name__}.")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name == "__base__":
-            raise DeltatuneError(f"Adapter name {name!r} is not usable; pick a name of letters, digits, '_' and "
-                                 "'-', like 'default' or 'summarise-v2'.")
+        require_adapter_name(name)
         if name in self.methods:
             raise DeltatuneError(f"An adapter named {name!r} exists already; pick another name or delete it first.")
         if any(m.merged_adapters for _, m in self.delta_modules()):
             raise DeltatuneError("Cannot add an adapter while others are merged; call unmerge_adapter() first.")
-        method.inject(self.base_model, name)
+        try:
+            method.inject(self.base_model, name)
+        except Exception as error:  # a refusal half-way (a modules_to_save that matches nothing): undo what it did
+            self._remove_from_modules(name)
+            if is_out_of_memory(error):
+                raise DeltatuneError(f"Adding adapter {name!r} ({method.cli_name}) needs more memory than there is "
+                                     f"({str(error).strip().splitlines()[0][:160]}); check its sizes (rank, hidden "
+                                     "sizes, virtual tokens, block sizes).") from None
+            raise
         self.train(self.base_model.training)  # new modules follow the model's mode: no dropout in an eval model
         self.methods[name] = method
         self.set_adapter(name)
@@ -123,18 +130,22 @@ class DeltaModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         self.require_adapter(name)
-        for _, module in self.delta_modules():
-            if name in module.adapter_names():
-                module.delete_adapter(name)
+        self._remove_from_modules(name)
         del self.methods[name]
-        for path, module in list(self.delta_modules()):
-            if not module.adapter_names():
-                put_back(self.base_model, path, module.unload())
         if name in self.active_adapters:
             rest = [n for n in self.active_adapters if n != name]
             self.active_adapters = ()
             if rest or self.methods:
                 self.set_adapter(rest or next(iter(self.methods)))
+
+    def _remove_from_modules(self, name: str) -> None:
+        """Take adapter ``name`` out of every module, and put back each layer left with no adapter."""
+        for _, module in list(self.delta_modules()):
+            if name in module.adapter_names():
+                module.delete_adapter(name)
+        for path, module in list(self.delta_modules()):
+            if not module.adapter_names():
+                put_back(self.base_model, path, module.unload())
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """The parameters of one adapter, keyed ``<module path>.<local name>``."""
@@ -214,6 +225,24 @@ class DeltaModel(nn.Module):
             self.base_model.disable_input_require_grads()
 
 
+ADAPTER_NAME = r"[A-Za-z0-9_-]+"
+
+
+def require_adapter_name(name: Any) -> str:
+    """An adapter name is also a folder name (a composition saves ``<dir>/<name>/``): letters,
+    digits, '_' and '-' only, so no name is empty, hidden, a path or an absolute path."""
+    if not isinstance(name, str) or not re.fullmatch(ADAPTER_NAME, name) or name == "__base__":
+        raise DeltatuneError(f"Adapter name {name!r} is not usable; pick a name of letters, digits, '_' and "
+                             "'-', like 'default' or 'summarise-v2'.")
+    return name
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation the machine (or the GPU) refused: the adapter is too big for it."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 def put_back(model: nn.Module, path: str, module: nn.Module | None) -> None:
     """Replace the module at ``path`` by what ``unload()`` gave; ``None`` removes it."""
     if module is not None:
@@ -229,7 +258,19 @@ def wrap(model: nn.Module, method: Method | Composition, adapter_name: str = "de
     A ``Composition`` adds each of its parts as an adapter named after the part (``adapter_name``
     is not used) and activates them all together.
     """
+    trains = {id(p): p.requires_grad for p in model.parameters()}
     wrapped = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    try:
+        _add(wrapped, method, adapter_name)
+    except DeltatuneError:
+        if wrapped is not model:  # a plain model comes back as it was given: unwrapped, its parameters as they were
+            for param in model.parameters():
+                param.requires_grad_(trains.get(id(param), False))
+        raise
+    return wrapped
+
+
+def _add(wrapped: DeltaModel, method: Method | Composition, adapter_name: str) -> None:
     if isinstance(method, Composition):
         clash = [name for name in method.names if name in wrapped.methods]
         if clash:
@@ -244,9 +285,8 @@ def wrap(model: nn.Module, method: Method | Composition, adapter_name: str = "de
             for name in reversed(added):  # the model as it was: a refused composition leaves nothing behind
                 wrapped.delete_adapter(name)
             raise
-        return wrapped
+        return
     wrapped.add_adapter(adapter_name, method)
-    return wrapped
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

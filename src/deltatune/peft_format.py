@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -23,8 +25,8 @@ from torch import nn
 
 from deltatune.atomic import atomic_file, atomic_write_text
 from deltatune.errors import DeltatuneError
-from deltatune.methods import DeltaModule, Method, method_class, method_from_peft_config
-from deltatune.model import DeltaModel, wrap
+from deltatune.methods import METHODS, DeltaModule, Method, method_class, method_from_peft_config
+from deltatune.model import ADAPTER_NAME, DeltaModel, require_adapter_name
 
 CONFIG_NAME = "adapter_config.json"
 TRAINING_STATE_NAME = "adapter_training_state.safetensors"  # deltatune's own: full trainable state
@@ -158,17 +160,14 @@ def save_composition(model: nn.Module, directory: str | os.PathLike, adapter_nam
 def read_composition(directory: str | os.PathLike) -> list[str] | None:
     """The adapter names of a composition folder, in order; None for a folder of one adapter."""
     path = Path(directory, COMPOSITION_NAME)
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        names = json.loads(path.read_text(encoding="utf-8"))["adapters"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        names = None
+    names = read_json_object(path, "re-save the composition").get("adapters")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise DeltatuneError(f"{path} does not list the composition's adapters like {{\"adapters\": [\"prefix\", "
                              "\"adapter\"]}; re-save the composition.")
-    for name in names:
-        if Path(name).name != name or name in (".", ".."):
+    for name in names:  # each is a subfolder: an adapter name, never a path out of the folder
+        if not isinstance(name, str) or not re.fullmatch(ADAPTER_NAME, name):
             raise DeltatuneError(f"{path} names {name!r}, which is not an adapter subfolder; re-save the composition.")
     return names
 
@@ -187,32 +186,200 @@ def training_state_dict(model: DeltaModel, adapter_name: str,
     return {key: values[key].detach().to("cpu").contiguous().clone() for key in params}
 
 
-def read_adapter_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, tensors) of a peft adapter folder, with one-sentence errors for what is wrong."""
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not directory.is_dir():
-        raise DeltatuneError(f"Adapter folder {str(directory)!r} does not exist; pass the output folder of 'deltatune train'.")
-    if not config_path.is_file():
-        raise DeltatuneError(f"{str(directory)!r} has no {CONFIG_NAME}; it is not an adapter folder.")
+# --- reading: every file checked before any model changes -----------------------------------
+PICKLE_NAME = "adapter_model.bin"  # old peft's weights: a pickle, read only when the user allows it
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# The peft keys that methods read with a conversion (int(), bool(), a lookup): each must hold its
+# kind of value, or the conversion would turn garbage into a setting. Ranges are the methods' own
+# checks (``Method.from_peft_config`` builds the method, whose construction validates it).
+PEFT_KEY_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "peft_type": ("text, like \"LORA\"", _is_text),
+    "task_type": ("text, like \"CAUSAL_LM\"", _is_text),
+    "base_model_name_or_path": ("text", _is_text),
+    "deltatune_method": ("text, like \"qlora\"", _is_text),
+    "deltatune_peft_incompatible": ("text", _is_text),
+    "target_modules": ("a list of module names or one regular expression", lambda v: _is_text(v) or _is_names(v)),
+    "modules_to_save": ("a list of module names", _is_names),
+    "modules": ("a list of module names or one regular expression", lambda v: _is_text(v) or _is_names(v)),
+    "num_virtual_tokens": ("a whole number", _is_whole),
+    "num_transformer_submodules": ("a whole number", _is_whole),
+    "encoder_hidden_size": ("a whole number", _is_whole),
+    "encoder_num_layers": ("a whole number", _is_whole),
+    "encoder_reparameterization_type": ("text, MLP or LSTM", _is_text),
+    "prefix_projection": ("true or false", lambda v: isinstance(v, bool)),
+    "deltatune_encoder_prefix": ("true or false", lambda v: isinstance(v, bool)),
+    "deltatune_cross_prefix": ("true or false", lambda v: isinstance(v, bool)),
+    "deltatune_quantization": ("a mapping of quantisation settings", lambda v: isinstance(v, dict)),
+}
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON file that must hold one object; ``fix`` ends each error sentence."""
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        value = json.loads(text)
+    except OSError as error:
+        raise DeltatuneError(f"{path} cannot be read ({error.strerror or error}); {fix}.") from None
+    except UnicodeDecodeError as error:
+        raise DeltatuneError(f"{path} is not UTF-8 text (byte {error.start}); {fix}.") from None
     except json.JSONDecodeError as error:
-        raise DeltatuneError(f"{config_path} is not valid JSON ({error.msg} at line {error.lineno}); fix or re-save the adapter.") from None
+        raise DeltatuneError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}); {fix}.") from None
+    except RecursionError:
+        raise DeltatuneError(f"{path} nests lists or objects too deeply to be a settings file; {fix}.") from None
+    if not isinstance(value, dict):
+        kind = {list: "a list", str: "text", bool: "true/false", type(None): "null"}.get(type(value), "a number")
+        raise DeltatuneError(f"{path} must hold one JSON object ({{\"key\": value, ...}}) but holds {kind}; {fix}.")
+    return value
+
+
+def check_peft_config(path: Path, config: dict[str, Any]) -> None:
+    if "peft_type" not in config:
+        raise DeltatuneError(f"{path} has no peft_type, so it describes no adapter; re-save the adapter.")
+    for key, (kind, fits) in PEFT_KEY_KINDS.items():
+        if config.get(key) is not None and not fits(config[key]):
+            raise DeltatuneError(f"{path} sets {key} to {config[key]!r}, which must be {kind}; fix the file or "
+                                 "re-save the adapter.")
+    named = METHODS.get(config.get("deltatune_method"))
+    if named is not None and named.peft_type != config["peft_type"]:
+        raise DeltatuneError(f"{path} names method {config['deltatune_method']!r}, whose peft_type is "
+                             f"{named.peft_type}, but sets peft_type {config['peft_type']!r}; fix the file or re-save "
+                             "the adapter.")
+
+
+def check_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Adapter tensors are floating-point arrays of finite numbers: an int8 or bool tensor would be
+    cast into a parameter silently, a scalar fits no layer, and NaN or inf spreads to every output."""
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise DeltatuneError(f"{path} holds tensor {key!r} as {str(tensor.dtype).removeprefix('torch.')}, "
+                                 "not floating point, so it is no adapter weight; re-save the adapter.")
+        if tensor.dim() == 0:
+            raise DeltatuneError(f"{path} holds tensor {key!r} as a single number, which fits no layer; "
+                                 "re-save the adapter.")
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise DeltatuneError(f"{path} holds {bad:,} NaN or infinite value(s) in tensor {key!r} (training diverged, "
+                                 "or the file is damaged); use an earlier checkpoint or train again.")
+
+
+def read_weights(directory: Path, allow_pickle: bool = False) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the weights file, its tensors): safetensors, or old peft's pickle only when ``allow_pickle``."""
+    weights_path, pickle_path = directory / WEIGHTS_NAME, directory / PICKLE_NAME
+    if not weights_path.exists() and pickle_path.is_file():
+        if not allow_pickle:
+            raise DeltatuneError(f"{str(directory)!r} holds its weights only as {PICKLE_NAME}, a pickle, which can run "
+                                 "code when loaded; convert it to adapter_model.safetensors with peft, or, if you trust "
+                                 "where it came from, pass allow_pickle=True (--allow-pickle) to read its tensors only.")
+        return pickle_path, read_pickled_tensors(pickle_path)
     if not weights_path.is_file():
-        if (directory / "adapter_model.bin").is_file():
-            raise DeltatuneError(f"{str(directory)!r} holds adapter_model.bin (a pickle, unsafe to load); "
-                                 "convert it to adapter_model.safetensors with peft first.")
-        raise DeltatuneError(f"{str(directory)!r} has no {WEIGHTS_NAME}; the adapter was not saved completely.")
+        state = "is not a file" if weights_path.exists() else "is missing"
+        raise DeltatuneError(f"{weights_path} {state}; the adapter was not saved completely: save it again.")
     try:
-        tensors = load_file(str(weights_path))
+        return weights_path, load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
         raise DeltatuneError(f"{weights_path} is not a readable safetensors file ({error}); re-save the adapter.") from None
+
+
+def read_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a pickle through ``torch.load(weights_only=True)``: plain tensors and containers
+    only, so a pickle that would run code is refused instead of run."""
+    import pickle
+
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DeltatuneError(f"{path} is not a plain file of tensors ({first[:200]}); it was not loaded. Convert it "
+                             "to safetensors where it was made.") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise DeltatuneError(f"{path} does not hold a mapping of names to tensors; it is no adapter's weights.")
+    return tensors
+
+
+def read_adapter_folder(directory: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, tensors) of a peft adapter folder, each checked: one sentence for what is wrong."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        state = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise DeltatuneError(f"Adapter folder {str(directory)!r} {state}; pass the output folder of 'deltatune train'.")
+    if not config_path.is_file():
+        whole_model = " but a whole model folder: pass it as --model" if (directory / "config.json").is_file() else ""
+        raise DeltatuneError(f"{str(directory)!r} has no {CONFIG_NAME}; it is not an adapter folder{whole_model}.")
+    config = read_json_object(config_path, "fix or re-save the adapter")
+    check_peft_config(config_path, config)
+    weights_path, tensors = read_weights(directory, allow_pickle)
+    check_tensors(weights_path, tensors)
     return config, tensors
 
 
+def adapter_method(directory: str | os.PathLike, config: dict[str, Any]) -> Method:
+    """The method an adapter_config.json describes; a value it refuses names the file."""
+    path = Path(directory, CONFIG_NAME)
+    try:
+        return method_from_peft_config(config)
+    except DeltatuneError as error:
+        raise DeltatuneError(f"{path} does not describe a usable adapter: {error}") from None
+    except KeyError as error:  # a setting the method's peft type cannot do without
+        raise DeltatuneError(f"{path} has no {error.args[0]!r}, which a {config['peft_type']} adapter needs; "
+                             "re-save the adapter.") from None
+
+
+def read_method_description(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """deltatune's own record of the method and its settings (``deltatune_method.json``), or None."""
+    path = Path(directory, METHOD_NAME)
+    if not path.exists():
+        return None
+    fix = "delete it (adapter_config.json still describes the adapter) or save the adapter again"
+    described = read_json_object(path, fix)
+    if described.get("method") not in METHODS or not isinstance(described.get("settings", {}), dict):
+        raise DeltatuneError(f"{path} does not name a method and its settings like {{\"method\": \"lora\", "
+                             f"\"settings\": {{...}}}}; {fix}.")
+    return described
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """One adapter folder, read and checked without a model: what ``put_on`` needs."""
+
+    folder: Path
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    method: Method
+    described: dict[str, Any] | None
+
+
+def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> list[tuple[str | None, AdapterFiles]]:
+    """Every file of an adapter folder, checked: [(None, files)], or for a composition folder
+    [(adapter name, files), ...] in order. Nothing here needs the base model, so a broken folder
+    is refused before one is loaded."""
+    names = read_composition(directory)
+    folders = [(None, Path(directory))] if names is None else [(name, Path(directory, name)) for name in names]
+    read = []
+    for name, folder in folders:
+        config, tensors = read_adapter_folder(folder, allow_pickle)
+        read.append((name, AdapterFiles(folder, config, tensors, adapter_method(folder, config),
+                                        read_method_description(folder))))
+    return read
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
-                 trainable: bool = False) -> DeltaModel:
+                 trainable: bool = False, allow_pickle: bool = False) -> DeltaModel:
     """Put the adapter saved in ``directory`` onto ``model`` (a base model or a DeltaModel).
 
     With ``trainable=True`` and a training state in the folder (written by deltatune when peft's
@@ -221,38 +388,82 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
     A composition folder (``deltatune_composition.json``) puts each of its adapters on under its
     own name (``adapter_name`` is not used) and activates them together, as when it was saved.
+
+    Weights come from ``adapter_model.safetensors``; a folder with only a pickle
+    (``adapter_model.bin``) is refused unless ``allow_pickle``, and then read with
+    ``torch.load(weights_only=True)``, which never runs code. A folder deltatune refuses leaves
+    ``model`` exactly as it was.
     """
-    names = read_composition(directory)
-    if names is not None:
-        wrapped = model
-        for name in names:
-            wrapped = load_adapter(wrapped, Path(directory, name), name, trainable)
+    require_adapter_name(adapter_name)
+    return put_on(model, read_adapter(directory, allow_pickle), adapter_name, trainable)
+
+
+def put_on(model: nn.Module, read: list[tuple[str | None, AdapterFiles]], adapter_name: str = "default",
+           trainable: bool = False) -> DeltaModel:
+    """Put adapters read by ``read_adapter`` onto ``model``: all of them, or — when one does not fit
+    the model — none, with ``model`` as it was."""
+    trains = {id(p): p.requires_grad for p in model.parameters()}
+    wrapped = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    before, active = set(wrapped.methods), wrapped.active_adapters
+    names = [name or adapter_name for name, _ in read]
+    try:
+        for name, (_, files) in zip(names, read):
+            _put_one_on(wrapped, name, files, trainable)
         wrapped.set_adapter(names)
-        for name in names:
-            for param in wrapped.adapter_parameters(name).values():
-                param.requires_grad_(trainable)
-        return wrapped
-    config, tensors = read_adapter_folder(directory)
-    described = read_method_description(directory)
-    if trainable and described and Path(directory, TRAINING_STATE_NAME).is_file():
-        wrapped = wrap(model, method_class(described["method"])(**described["settings"]), adapter_name)
-        load_training_state(wrapped, adapter_name, load_file(str(Path(directory, TRAINING_STATE_NAME))))
-    else:
-        wrapped = wrap(model, method_from_peft_config(config), adapter_name)
-        load_adapter_tensors(wrapped, adapter_name, tensors, config.get("base_model_name_or_path"))
-    for param in wrapped.adapter_parameters(adapter_name).values():
-        param.requires_grad_(trainable)
+    except DeltatuneError:
+        for name in reversed([n for n in wrapped.methods if n not in before]):
+            wrapped.delete_adapter(name)
+        if active:
+            wrapped.set_adapter(list(active))
+        for param in model.parameters():
+            param.requires_grad_(trains.get(id(param), False))
+        raise
+    for name in names:
+        for param in wrapped.adapter_parameters(name).values():
+            param.requires_grad_(trainable)
     return wrapped
 
 
-def read_method_description(directory: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(directory, METHOD_NAME)
-    if not path.is_file():
-        return None
+def _put_one_on(wrapped: DeltaModel, name: str, files: AdapterFiles, trainable: bool) -> None:
+    training_state = files.folder / TRAINING_STATE_NAME
+    if trainable and files.described and training_state.is_file():
+        tensors = read_training_state(training_state)
+        try:
+            method = method_class(files.described["method"])(**files.described.get("settings", {}))
+        except (TypeError, DeltatuneError) as error:  # a setting the method does not take, or refuses
+            raise DeltatuneError(f"{files.folder / METHOD_NAME} holds settings its method cannot use ({error}); "
+                                 "save the adapter again, or load it without trainable=True.") from None
+        if method.reference_method() != method:
+            _rehearse(wrapped, name, method.reference_method(), lambda: load_training_state(wrapped, name, tensors))
+        wrapped.add_adapter(name, method)
+        load_training_state(wrapped, name, tensors)
+        return
+    made_for = files.config.get("base_model_name_or_path")
+    load = lambda: load_adapter_tensors(wrapped, name, files.tensors, made_for)
+    if files.method.reference_method() != files.method:
+        _rehearse(wrapped, name, files.method.reference_method(), load)
+    wrapped.add_adapter(name, files.method)
+    load()
+
+
+def _rehearse(wrapped: DeltaModel, name: str, reference: Method, load: Callable[[], None]) -> None:
+    """Load onto ``reference`` first and take it off again: a method whose ``prepare_base`` changes the
+    base for good (QLoRA quantises it) meets a misfit tensor there, before the base is changed."""
+    wrapped.add_adapter(name, reference)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None  # the peft files still describe the adapter
+        load()
+    finally:
+        wrapped.delete_adapter(name)
+
+
+def read_training_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise DeltatuneError(f"{path} is not a readable safetensors file ({error}); load the adapter without "
+                             "trainable=True, or save it again.") from None
+    check_tensors(path, tensors)
+    return tensors
 
 
 def load_training_state(model: DeltaModel, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -261,11 +472,12 @@ def load_training_state(model: DeltaModel, adapter_name: str, tensors: dict[str,
         missing = sorted(set(params) ^ set(tensors))[0]
         raise DeltatuneError(f"The training state does not fit this model (tensor {missing!r}); "
                              "load it on the base model and method it was trained with.")
+    for key, param in params.items():  # every shape first: nothing is copied from a state that does not fit
+        if param.shape != tensors[key].shape:
+            raise DeltatuneError(f"Training-state tensor {key!r} has shape {tuple(tensors[key].shape)} but the "
+                                 f"model needs {tuple(param.shape)}; load it on the model it was trained on.")
     with torch.no_grad():
         for key, param in params.items():
-            if param.shape != tensors[key].shape:
-                raise DeltatuneError(f"Training-state tensor {key!r} has shape {tuple(tensors[key].shape)} but the "
-                                     f"model needs {tuple(param.shape)}; load it on the model it was trained on.")
             param.copy_(tensors[key])
 
 
@@ -277,12 +489,13 @@ def load_adapter_tensors(model: DeltaModel, adapter_name: str, tensors: dict[str
     owner_of = {prefix + local: (prefix, module) for prefix, module in owners
                 for local in module.adapter_state(adapter_name)}
     by_owner: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix, _ in owners}
-    for key, tensor in tensors.items():
+    for written, tensor in tensors.items():
+        key = written
         if key not in owner_of and key.startswith(KEY_PREFIX):  # deltatune 0.1 wrote prompt methods' heads so
             key = "base_model." + key[len(KEY_PREFIX):]
         if key not in owner_of:
             hint = f" (it was made for {made_for})" if made_for else ""
-            raise DeltatuneError(f"Adapter tensor {key!r} has no matching module in this base model{hint}; "
+            raise DeltatuneError(f"Adapter tensor {written!r} has no matching module in this base model{hint}; "
                                  "load the adapter on the model it was trained on.")
         prefix, _ = owner_of[key]
         by_owner[prefix][key[len(prefix):]] = tensor

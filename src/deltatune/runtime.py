@@ -7,22 +7,30 @@ asks at a few fixed points:
     device                    where the batches go
     rank, world_size          which process this is, of how many
     is_main                   whether this process writes files, logs and the progress bar
+    place(model)              put the model on the device (DDP wraps it, FSDP2 shards it); the device
+    replica(model)            the module a training step calls (the model, or PyTorch's DDP wrapper)
     shard(indices)            this process's share of a micro-batch's example indices
     all_sum(value)            a number summed over every process (token counts, losses)
     gradient_divisor          how many replicas a gradient is averaged over (DDP divides by it)
     accumulating(model, last) context for a micro-batch; a replica skips its gradient sync until the last
     gather(parameters)        full tensors of the trainable parameters, for checkpoints and saving
+    whole(model)              context in which the model's parameters are whole tensors (for writing it)
+    optimizer_state(opt)      the optimizer's state with whole tensors: one file for any world size
+    load_optimizer_state      and back, onto this process's layout
+    distribute(params, full)  full tensors laid out like ``params`` (a shard each, under FSDP2)
     barrier()                 wait for every process
 
 ``Runtime()`` is the single-process default: it changes nothing. Distributed training
-subclasses it (DDP, FSDP2) and the loop stays the same loop.
+subclasses it (DDP, FSDP2; ``deltatune.distributed``) and the loop stays the same loop. Every
+process calls every method in the same order: the collective ones (``all_sum``, ``gather``,
+``whole``, ``optimizer_state``, ``barrier``) are where the processes meet.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +58,9 @@ class Runtime:
             self.device = next(model.parameters()).device
         return self.device
 
+    def replica(self, model: nn.Module) -> nn.Module:
+        return model
+
     def shard(self, indices: Sequence[int]) -> Sequence[int]:
         return indices
 
@@ -61,6 +72,19 @@ class Runtime:
 
     def gather(self, parameters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: p.detach().contiguous().clone() for name, p in parameters.items()}
+
+    def whole(self, model: nn.Module) -> AbstractContextManager:
+        return nullcontext()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+    def distribute(self, parameters: Mapping[str, torch.Tensor],
+                   full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(full)
 
     def barrier(self) -> None:
         pass

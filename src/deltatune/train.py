@@ -6,42 +6,65 @@ nothing else. A step is ``gradient_accumulation_steps`` micro-batches of ``batch
 examples; each micro-batch's mean loss is weighted by its share of the step's predicted
 tokens, so accumulating 2 x 4 computes the same update as one batch of 8.
 
-Checkpoints (``output_dir/checkpoint-{step}/``, newest two kept) hold everything needed to
-continue bit-exactly: trainable weights, optimizer and schedule state, and the RNG state.
-The batch order is a function of the step number (see ``deltatune.data.batch_indices``).
+Checkpoints (``output_dir/checkpoint-{step}/``, the newest ``save_total_limit`` kept) hold
+everything needed to continue bit-exactly: trainable weights, optimizer and schedule state, and
+every random generator's state (torch, CUDA, Python's, NumPy's). The batch order is a function of
+the step number (see ``deltatune.data.batch_indices``). A checkpoint appears by one rename of a
+finished, flushed folder (``deltatune.atomic``), so a process killed at any moment leaves the
+previous checkpoints as they were, and ``resume`` continues from the newest one.
+
+Faults (docs/faults.md): a step whose loss is NaN or inf stops the run, naming the step and its
+examples, or is skipped (``nan_policy``); SIGINT or SIGTERM ends the current step, saves a
+checkpoint and stops (``TrainingInterrupted``), a second one aborts at once; a full disk while
+saving keeps the previous checkpoint; a damaged checkpoint or a changed setting is refused with
+one sentence when resuming.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import random
 import re
-import shutil
+import signal
+import sys
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from deltatune.atomic import atomic_directory, atomic_write_text
+from deltatune.atomic import atomic_directory, atomic_write_text, is_own_file, remove_stale_staging, remove_tree
 from deltatune.data import IGNORE_INDEX, batch_indices, collate
 from deltatune.errors import DeltatuneError
+from deltatune.losses import model_loss
 from deltatune.memory import PeakMemory
 from deltatune.runtime import Runtime
-from deltatune.validation import require_bool, require_choice, require_int, require_number, require_positive_int
+from deltatune.validation import require_bool, require_choice, require_int, require_number
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
-CHECKPOINTS_KEPT = 2
+NAN_POLICIES = ("stop", "skip")
 # Settings that change which batches are seen or how weights move; resume needs them unchanged.
+# max_steps is one: the learning-rate schedule (cosine, linear) is laid out over it. max_length
+# decides the tokens each example keeps.
 TRAJECTORY_SETTINGS = (
     "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
-    "warmup_steps", "lr_schedule", "max_grad_norm", "seed", "bf16", "group_by_length",
+    "warmup_steps", "lr_schedule", "max_grad_norm", "seed", "bf16", "group_by_length", "max_length",
 )
+LARGEST_COUNT = 2**31 - 1  # a step count, batch size or length beyond this is a typo, and overflows later
+LARGEST_SEED = 2**32 - 1  # the range every generator takes (NumPy's too)
 
 
 @dataclass(frozen=True)
@@ -61,14 +84,18 @@ class TrainConfig:
     eval_every: int = 100  # 0: evaluate only at the end
     eval_batches: int = 0  # 0: all eval data
     save_every: int = 0  # 0: checkpoint only at the end
+    save_total_limit: int = 2  # complete checkpoints kept, the newest always among them
     log_every: int = 10
     max_length: int = 512
+    nan_policy: str = "stop"  # a step whose loss is NaN or inf: stop, naming it; or skip its update
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "max_length"):
-            require_positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "seed"):
-            require_int(name, getattr(self, name), minimum=0)
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "max_length",
+                     "save_total_limit"):
+            _require_count(name, getattr(self, name), minimum=1, largest=LARGEST_COUNT)
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every"):
+            _require_count(name, getattr(self, name), minimum=0, largest=LARGEST_COUNT)
+        _require_count("seed", self.seed, minimum=0, largest=LARGEST_SEED)
         for name in ("learning_rate", "weight_decay", "max_grad_norm"):
             require_number(name, getattr(self, name), minimum=0)
         if self.learning_rate == 0:
@@ -78,8 +105,16 @@ class TrainConfig:
                 f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}): lower warmup_steps"
             )
         require_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        require_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         for name in ("bf16", "gradient_checkpointing", "group_by_length"):
             require_bool(name, getattr(self, name))
+
+
+def _require_count(name: str, value: Any, minimum: int, largest: int) -> None:
+    require_int(name, value, minimum=minimum)
+    if value > largest:
+        raise DeltatuneError(
+            f"{name} must be a whole number from {minimum} to {largest}, got {value!r}: fix the config")
 
 
 @dataclass
@@ -91,6 +126,16 @@ class TrainResult:
     train_seconds: float = 0.0  # wall time of the steps this call ran (evaluations before its last step included)
     checkpoint: Path | None = None  # the final checkpoint folder
     model: nn.Module | None = None  # the trained model (set by the runner)
+    skipped_steps: int = 0  # steps whose loss was NaN or inf and whose update was dropped (nan_policy=skip)
+
+
+class TrainingInterrupted(DeltatuneError):
+    """SIGINT or SIGTERM stopped training after a step whose checkpoint is saved. ``exit_code`` is the
+    shell's for that signal (130, 143); the message says how to continue."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def learning_rate_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
@@ -123,11 +168,17 @@ def train(
     progress: bool = True,
     runtime: Runtime | None = None,
     collate_fn: Callable[[Sequence[dict[str, Any]], int], dict[str, torch.Tensor]] = collate,
+    run_settings: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train the ``requires_grad`` parameters of ``model`` on tokenized examples.
 
     ``collate_fn(examples, pad_token_id)`` makes a batch of tensors (default: token labels,
     ``deltatune.data.collate``; a classifier's labels are one per example, [batch]).
+
+    ``run_settings``: whatever else decides the result (the method's settings, the data files'
+    fingerprints, ...), JSON-ready; every checkpoint records it and ``resume`` refuses a change,
+    as it does for the ``TRAJECTORY_SETTINGS`` of ``config``. ``resume`` in a folder whose run
+    stopped before its first checkpoint starts from step 0.
 
     ``runtime`` says where this process runs and how it talks to the others (see
     ``deltatune.runtime``); the default, one process, changes nothing. Only the main process
@@ -140,8 +191,9 @@ def train(
         raise DeltatuneError("the model has no trainable parameters: attach a tuning method before training")
     if not train_examples:
         raise DeltatuneError("there are no training examples left after tokenization: add data or raise max_length")
-    device = runtime.place(model)
-    torch.manual_seed(config.seed)
+    device = runtime.place(model)  # DDP wraps the model, FSDP2 shards it: read its parameters again
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    torch.manual_seed(config.seed + runtime.rank)  # dropout differs by process; init and data order do not
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
 
@@ -154,14 +206,23 @@ def train(
     scheduler = LambdaLR(optimizer, lambda step: learning_rate_factor(
         step, warmup_steps=config.warmup_steps, max_steps=config.max_steps, schedule=config.lr_schedule))
 
-    start_step = 0
+    if runtime.is_main and remove_stale_staging(output_dir):
+        print(f"deltatune: removed the unfinished files that an interrupted run left in {output_dir}", file=sys.stderr)
+    state: dict[str, Any] = {}
     if resume:
-        start_step = _load_checkpoint(_latest_checkpoint(output_dir), trainable, optimizer, scheduler, config)
+        checkpoint = resume_checkpoint(output_dir, config, run_settings)
+        if checkpoint is not None:
+            state = _load_checkpoint(checkpoint, trainable, optimizer, scheduler, config, runtime)
+        elif runtime.is_main:
+            print(f"deltatune: {output_dir} holds no checkpoint yet: training starts from step 0", file=sys.stderr)
     elif _checkpoints(output_dir):
         raise DeltatuneError(f"{output_dir} already holds checkpoints: pass --resume or pick a new output folder")
+    start_step, skipped = state.get("step", 0), state.get("skipped_steps", 0)
+    extra_state = {"skipped_steps": skipped} | ({} if run_settings is None else {"run": _json_ready(run_settings)})
     metrics_path = output_dir / "metrics.jsonl"
     if runtime.is_main:
-        _keep_metrics_up_to(metrics_path, start_step)
+        with write_failure_as_error(metrics_path, output_dir):
+            _keep_metrics_up_to(metrics_path, start_step)
     peak_memory = PeakMemory(device) if device.type in ("cpu", "cuda") else None
 
     accumulation = config.gradient_accumulation_steps
@@ -172,45 +233,116 @@ def train(
     if start_step == 0 and eval_examples:  # the starting point, so every run's log shows its gain
         result.eval_losses.append((0, evaluate(model, eval_examples, config, pad_token_id, collate_fn)))
         if runtime.is_main:
-            with metrics_path.open("a", encoding="utf-8") as metrics:
-                metrics.write(json.dumps({"step": 0, "eval_loss": result.eval_losses[0][1]}) + "\n")
+            _append_metrics(metrics_path, {"step": 0, "eval_loss": result.eval_losses[0][1]}, output_dir)
     tokens_seen, started = 0, time.perf_counter()
     bar = tqdm(total=config.max_steps, initial=start_step, disable=not (progress and runtime.is_main), desc="training")
     model.train()
-    for step in range(start_step + 1, config.max_steps + 1):
-        micro_batches = [collate_fn([train_examples[i] for i in runtime.shard(next(batches))], pad_token_id)
-                         for _ in range(accumulation)]
-        learning_rate = optimizer.param_groups[0]["lr"]
-        loss = _accumulate_gradients(model, micro_batches, device, config.bf16, runtime)
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+    with bar, _StopRequests() as stop:
+        for step in range(start_step + 1, config.max_steps + 1):
+            indices = [next(batches) for _ in range(accumulation)]
+            micro_batches = [collate_fn([train_examples[i] for i in runtime.shard(batch)], pad_token_id)
+                             for batch in indices]
+            learning_rate = optimizer.param_groups[0]["lr"]
+            loss = _accumulate_gradients(model, micro_batches, device, config.bf16, runtime)
+            finite = math.isfinite(loss)  # the same on every process: the loss is summed over them all
+            if finite:
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable.values(), config.max_grad_norm)
+                optimizer.step()
+            elif config.nan_policy == "stop":
+                raise _non_finite_loss(loss, step, indices, output_dir)
+            else:  # skip: this step's gradients are dropped; the schedule still follows the step number
+                skipped += 1
+                if runtime.is_main:
+                    bar.write(f"deltatune: warning: the loss at step {step} is {loss} (training examples "
+                              f"{_numbers(indices)}): its update is skipped (nan_policy=skip)", file=sys.stderr)
+            optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # a skipped first step steps the schedule before the optimizer
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                scheduler.step()
 
-        tokens_seen += int(runtime.all_sum(sum(int(batch["attention_mask"].sum()) for batch in micro_batches)))
-        elapsed = time.perf_counter() - started
-        tokens_per_s = tokens_seen / elapsed
-        result.step, result.train_loss, result.tokens_per_s, result.train_seconds = step, loss, tokens_per_s, elapsed
-        record: dict[str, Any] = {"step": step, "loss": loss, "lr": learning_rate, "tokens_per_s": tokens_per_s}
-        final = step == config.max_steps
-        if eval_examples and (final or (config.eval_every and step % config.eval_every == 0)):
-            record["eval_loss"] = evaluate(model, eval_examples, config, pad_token_id, collate_fn)
-            result.eval_losses.append((step, record["eval_loss"]))
-        if runtime.is_main and (final or "eval_loss" in record or step % config.log_every == 0):
-            if peak_memory is not None:
-                record.update(peak_memory.as_mib())
-            with metrics_path.open("a", encoding="utf-8") as metrics:
-                metrics.write(json.dumps(record) + "\n")
-        if final or (config.save_every and step % config.save_every == 0):
-            result.checkpoint = _save_checkpoint(
-                model, trainable, optimizer, scheduler, config, step, output_dir, save_model, runtime)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens_per_s:.0f}")
-    bar.close()
+            tokens_seen += int(runtime.all_sum(sum(int(batch["attention_mask"].sum()) for batch in micro_batches)))
+            elapsed = time.perf_counter() - started
+            tokens_per_s = tokens_seen / elapsed
+            result.step, result.train_loss, result.tokens_per_s = step, loss, tokens_per_s
+            result.train_seconds = elapsed
+            result.skipped_steps = extra_state["skipped_steps"] = skipped
+            record: dict[str, Any] = {"step": step, "loss": loss if finite else None, "lr": learning_rate,
+                                      "tokens_per_s": tokens_per_s}
+            if skipped:
+                record["skipped_steps"] = skipped
+            final = step == config.max_steps
+            if eval_examples and (final or (config.eval_every and step % config.eval_every == 0)):
+                record["eval_loss"] = evaluate(model, eval_examples, config, pad_token_id, collate_fn)
+                result.eval_losses.append((step, record["eval_loss"]))
+            if runtime.is_main and (final or not finite or "eval_loss" in record or step % config.log_every == 0):
+                if peak_memory is not None:
+                    record.update(peak_memory.as_mib())
+                _append_metrics(metrics_path, record, output_dir)
+            saved = final or (config.save_every and step % config.save_every == 0)
+            if saved:
+                result.checkpoint = _save_checkpoint(
+                    model, trainable, optimizer, scheduler, config, step, output_dir, save_model, runtime, extra_state)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            if not final and runtime.all_sum(float(stop.signal is not None)) > 0:  # every process stops here
+                if not saved:
+                    result.checkpoint = _save_checkpoint(
+                        model, trainable, optimizer, scheduler, config, step, output_dir, save_model, runtime,
+                        extra_state)
+                raise _interrupted(stop.signal or signal.SIGTERM, step, config.max_steps, result.checkpoint)
     if result.checkpoint is None:  # resumed a run that had already finished
         result.checkpoint = _latest_checkpoint(output_dir)
     return result
+
+
+class _StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends before it kills a job) while training: the
+    first asks the loop to stop after the current step, which then saves a checkpoint; a second
+    aborts at once (KeyboardInterrupt). Python runs handlers in the main thread only: elsewhere, and
+    for a signal the process ignores (``nohup``), nothing changes."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._received)
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+
+    def _received(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        # os.write, not print: a handler may run in the middle of another write to stderr
+        os.write(2, f"\ndeltatune: {signal.Signals(signum).name} received: training stops after this step, once "
+                    f"a checkpoint is saved ({signal.Signals(signum).name} or Ctrl-C again aborts at once)\n".encode())
+
+
+def _interrupted(signum: int, step: int, max_steps: int, checkpoint: Path | None) -> TrainingInterrupted:
+    name = signal.Signals(signum).name
+    return TrainingInterrupted(f"training stopped by {name} after step {step} of {max_steps}, saved in {checkpoint}: "
+                               "run the same command again with --resume to continue", exit_code=128 + signum)
+
+
+def _numbers(indices: list[list[int]]) -> str:
+    return ", ".join(str(i) for i in sorted({i for batch in indices for i in batch}))
+
+
+def _non_finite_loss(loss: float, step: int, indices: list[list[int]], output_dir: Path) -> DeltatuneError:
+    checkpoints = _checkpoints(output_dir)
+    kept = f"{checkpoints[-1]} is the last good checkpoint" if checkpoints else "no checkpoint was written before it"
+    return DeltatuneError(
+        f"the loss at step {step} is {loss} (training examples {_numbers(indices)}, numbered from 0 in the training "
+        f"set) and {kept}: check those examples and the learning rate, or set nan_policy=skip and run again with "
+        "--resume to skip such steps")
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -251,7 +383,7 @@ def _accumulate_gradients(
     for index, (batch, count) in enumerate(zip(micro_batches, counts)):
         with runtime.accumulating(model, last=index == len(micro_batches) - 1):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
+                loss = model_loss(runtime.replica(model), {key: value.to(device) for key, value in batch.items()})
             (loss * (count / total * runtime.gradient_divisor)).backward()
         loss_sum += loss.item() * count
     return runtime.all_sum(loss_sum) / total
@@ -272,7 +404,7 @@ def evaluate(
     for start in starts:
         batch = collate_fn(eval_examples[start : start + config.batch_size], pad_token_id)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
+            loss = model_loss(model, {key: value.to(device) for key, value in batch.items()})
         count = _predicted_tokens(batch["labels"], model)
         loss_sum, token_count = loss_sum + loss.item() * count, token_count + count
     model.train()
@@ -293,66 +425,241 @@ def _latest_checkpoint(output_dir: Path) -> Path:
     return checkpoints[-1]
 
 
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """A data file as one line: absolute path, size and the SHA-256 of its content (read in 1 MiB
+    pieces, about a second per GB), so ``resume`` notices a file that was edited or swapped."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        return str(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(piece)
+    return f"{path} ({path.stat().st_size} bytes, sha256 {digest.hexdigest()[:16]})"
+
+
+def resume_checkpoint(output_dir: str | Path, config: TrainConfig,
+                      run_settings: Mapping[str, Any] | None = None) -> Path | None:
+    """The checkpoint that ``resume`` continues from: the newest complete one, once its
+    ``trainer_state.json`` reads and every setting that changes the result matches this run (the
+    ``TRAJECTORY_SETTINGS`` of ``config``, and ``run_settings`` where the checkpoint recorded them).
+    None when the folder holds a run that stopped before its first checkpoint: it starts over."""
+    output_dir = Path(output_dir)
+    checkpoints = _checkpoints(output_dir)
+    if not checkpoints:
+        if output_dir.is_dir() and any(is_own_file(path) for path in output_dir.iterdir()):
+            return None
+        raise DeltatuneError(f"no checkpoint to resume from in {output_dir}: drop --resume to start a new run")
+    checkpoint = checkpoints[-1]
+    state = _trainer_state(checkpoint)
+    defaults = asdict(TrainConfig())  # a checkpoint from before a setting existed ran with its default
+    trained = {name: state["config"].get(name, defaults[name]) for name in TRAJECTORY_SETTINGS}
+    now = {name: getattr(config, name) for name in TRAJECTORY_SETTINGS}
+    if run_settings is not None and "run" in state:  # a setting one side does not know is not compared
+        trained.update(_flattened(state["run"]))
+        now.update(_flattened(_json_ready(run_settings)))
+    for name, value in trained.items():
+        if name in now and now[name] != value:
+            raise DeltatuneError(f"{checkpoint} was trained with {name}={value!r} but this run has {now[name]!r}: "
+                                 "resume with the same setting, or train in a new output folder")
+    return checkpoint
+
+
+def _json_ready(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` as trainer_state.json gives them back (tuples become lists)."""
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _flattened(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(_flattened(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _damaged(path: Path, problem: str) -> DeltatuneError:
+    """A checkpoint file that cannot be used: the sentence names it and the checkpoint to go back to."""
+    checkpoint = path.parent
+    earlier = [other for other in _checkpoints(checkpoint.parent) if other != checkpoint]
+    if earlier:
+        fix = (f"move {checkpoint.name} out of {checkpoint.parent} and run again with --resume to continue from "
+               f"{earlier[-1].name}")
+    else:
+        fix = "no earlier checkpoint is left, so start over in a new output folder (or with --overwrite)"
+    return DeltatuneError(f"{path} {problem}: {fix}")
+
+
+def _trainer_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON
+        raise _damaged(path, "is not readable JSON") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if (not isinstance(state, dict) or not isinstance(step, int) or isinstance(step, bool)
+            or f"checkpoint-{step}" != checkpoint.name or not isinstance(state.get("config"), dict)
+            or not isinstance(state.get("run", {}), dict) or not isinstance(state.get("skipped_steps", 0), int)):
+        raise _damaged(path, f"is not the trainer state of {checkpoint.name} (an object with its step and config)")
+    return state
+
+
 def _save_checkpoint(model, trainable, optimizer, scheduler, config, step, output_dir, save_model,
-                     runtime: Runtime) -> Path:
+                     runtime: Runtime, extra_state: Mapping[str, Any] | None = None) -> Path:
+    """Write ``checkpoint-{step}`` as one rename of a finished folder, then drop the oldest beyond
+    ``save_total_limit``. A full disk or a permission error is one sentence: the earlier checkpoints
+    are untouched. ``extra_state`` joins trainer_state.json (skipped steps, the run's settings)."""
     target = output_dir / f"checkpoint-{step}"
     weights = runtime.gather(trainable)  # every process takes part; the main one writes
+    optimizer_state = runtime.optimizer_state(optimizer)  # whole tensors, whatever the world size
     if not runtime.is_main:
+        with runtime.whole(model):  # takes part in gathering the weights the main process writes (FSDP2)
+            pass
         runtime.barrier()
         return target
-    with atomic_directory(target) as staging:
+    with write_failure_as_error(target, output_dir), runtime.whole(model), atomic_directory(target) as staging:
         save_model(model, staging)
         save_file(weights, str(staging / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / "optimizer.pt")
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        torch.save({"cpu": torch.get_rng_state(), "cuda": cuda_rng}, staging / "rng.pt")
-        state = {"step": step, "config": asdict(config)}
+        with (staging / "optimizer.pt").open("wb") as file:  # through Python's file: a full disk is an OSError
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, file)
+        with (staging / "rng.pt").open("wb") as file:
+            torch.save(_random_state(), file)
+        state = {"step": step, "config": asdict(config), **(extra_state or {})}
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    for old in _checkpoints(output_dir)[:-CHECKPOINTS_KEPT]:
-        shutil.rmtree(old)
+    for old in _checkpoints(output_dir)[:-config.save_total_limit]:
+        if old != target:  # the one just written always stays
+            remove_tree(old)
     runtime.barrier()
     return target
 
 
-def _load_checkpoint(checkpoint: Path, trainable, optimizer, scheduler, config: TrainConfig) -> int:
-    """Restore weights, optimizer, schedule and RNG from ``checkpoint``; return its step."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    defaults = asdict(TrainConfig())  # a checkpoint from before a setting existed ran with its default
-    for name in TRAJECTORY_SETTINGS:
-        if state["config"].get(name, defaults[name]) != getattr(config, name):
-            raise DeltatuneError(
-                f"{checkpoint} was trained with {name}={state['config'].get(name, defaults[name])!r} but this run has "
-                f"{getattr(config, name)!r}: resume with the same setting or start a new output folder"
-            )
-    weights = load_file(str(checkpoint / "trainable.safetensors"))
+@contextmanager
+def write_failure_as_error(path: Path, output_dir: Path) -> Iterator[None]:
+    """Turn a failed write of ``path`` (a full disk, a read-only folder) into one sentence that says
+    which checkpoint of ``output_dir`` is kept; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_write_failure(error):
+            raise
+        checkpoints = [other for other in _checkpoints(output_dir) if other != path]
+        kept = f"{checkpoints[-1]} is kept" if checkpoints else "no checkpoint was written yet"
+        raise DeltatuneError(f"could not write {path} ({_write_failure(error)}) and {kept}: free disk space or "
+                             f"allow writing to {output_dir}, then run again with --resume") from None
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    """An OSError, or the same failure as safetensors or torch's zip writer report it."""
+    text = str(error)
+    return (isinstance(error, OSError) or (isinstance(error, SafetensorError) and "I/O error" in text)
+            or (isinstance(error, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text)))
+
+
+def _write_failure(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return re.sub(r" \(os error \d+\)$", "", str(error).splitlines()[0].split("I/O error: ")[-1])[:200]
+
+
+def _append_metrics(metrics_path: Path, record: Mapping[str, Any], output_dir: Path) -> None:
+    with write_failure_as_error(metrics_path, output_dir), metrics_path.open("a", encoding="utf-8") as metrics:
+        metrics.write(json.dumps(record) + "\n")
+
+
+def _random_state() -> dict[str, Any]:
+    """Every random generator a step may draw from: torch's (dropout), CUDA's, Python's and NumPy's."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached))}
+
+
+def _set_random_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "python" in state:  # checkpoints from before these were saved hold torch's only
+        random.setstate(state["python"])
+    if "numpy" in state:
+        name, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+
+
+def _load_checkpoint(checkpoint: Path, trainable, optimizer, scheduler, config: TrainConfig,
+                     runtime: Runtime | None = None) -> dict[str, Any]:
+    """Restore weights, optimizer, schedule and RNG from ``checkpoint``; return its trainer state. The
+    files hold whole tensors; ``runtime`` lays them out as this process holds them (a shard each under
+    FSDP2). Every file is read and checked before anything is restored: a truncated, missing or foreign
+    file is one sentence naming it and the earlier checkpoint to continue from."""
+    runtime = runtime or Runtime()
+    state = _trainer_state(checkpoint)
+
+    def read(name: str, load: Callable[[Path], Any]) -> Any:
+        path = checkpoint / name
+        if not path.is_file():
+            raise _damaged(path, "is missing")
+        try:
+            return load(path)
+        except Exception:  # whatever the parser trips on, the file is not what a checkpoint holds
+            raise _damaged(path, "is truncated or damaged") from None
+
+    full = read("trainable.safetensors", lambda path: load_file(str(path)))
+    states = read("optimizer.pt", lambda path: torch.load(path, weights_only=True))
+    rng = read("rng.pt", lambda path: torch.load(path, weights_only=True))
+    if not (isinstance(states, dict) and isinstance(states.get("optimizer"), dict)
+            and isinstance(states.get("scheduler"), dict)):
+        raise _damaged(checkpoint / "optimizer.pt", "does not hold the optimizer and schedule state")
+    if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor)):
+        raise _damaged(checkpoint / "rng.pt", "does not hold the random generators' state")
     fix = "resume with the same method settings"
-    missing, extra = sorted(trainable.keys() - weights.keys()), sorted(weights.keys() - trainable.keys())
+    missing, extra = sorted(trainable.keys() - full.keys()), sorted(full.keys() - trainable.keys())
     if missing:
         raise DeltatuneError(f"{checkpoint} has no weights for trainable parameter {missing[0]}: {fix}")
     if extra:
         raise DeltatuneError(f"{checkpoint} holds {extra[0]}, which is not trainable in this model: {fix}")
+    for name, parameter in trainable.items():
+        if full[name].shape != parameter.shape:
+            raise DeltatuneError(
+                f"{checkpoint} holds {name} with shape {tuple(full[name].shape)} but the model has "
+                f"{tuple(parameter.shape)}: {fix}"
+            )
+    weights = runtime.distribute(trainable, full)
+    try:
+        runtime.load_optimizer_state(optimizer, states["optimizer"])
+        scheduler.load_state_dict(states["scheduler"])
+    except Exception:
+        raise _damaged(checkpoint / "optimizer.pt", "does not fit this run's trainable parameters") from None
+    if scheduler.last_epoch != state["step"] or not _optimizer_state_fits(optimizer):
+        raise _damaged(checkpoint / "optimizer.pt", f"does not hold the state of step {state['step']} of this run")
     with torch.no_grad():
         for name, parameter in trainable.items():
-            if weights[name].shape != parameter.shape:
-                raise DeltatuneError(
-                    f"{checkpoint} holds {name} with shape {tuple(weights[name].shape)} but the model has "
-                    f"{tuple(parameter.shape)}: {fix}"
-                )
             parameter.copy_(weights[name])
-    states = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(states["optimizer"])
-    scheduler.load_state_dict(states["scheduler"])
-    rng = torch.load(checkpoint / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"]
+    try:
+        _set_random_state(rng)
+    except Exception:
+        raise _damaged(checkpoint / "rng.pt", "does not hold the random generators' state") from None
+    return state
+
+
+def _optimizer_state_fits(optimizer: torch.optim.Optimizer) -> bool:
+    """Every per-parameter tensor of the optimizer's state (AdamW's moments) has its parameter's shape."""
+    return all(not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape == parameter.shape
+               for group in optimizer.param_groups for parameter in group["params"]
+               for value in optimizer.state.get(parameter, {}).values())
 
 
 def _keep_metrics_up_to(metrics_path: Path, step: int) -> None:
-    """Start metrics afresh, or on resume drop lines logged after the checkpoint's step."""
+    """Start metrics afresh, or on resume drop lines logged after the checkpoint's step (and a last
+    line cut short by a crash)."""
     kept = []
     if step and metrics_path.is_file():
-        lines = metrics_path.read_text(encoding="utf-8").splitlines()
-        kept = [line + "\n" for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                logged = json.loads(line)["step"]
+            except (ValueError, TypeError, KeyError):
+                continue
+            if isinstance(logged, int) and logged <= step:
+                kept.append(line + "\n")
     atomic_write_text(metrics_path, "".join(kept))

@@ -44,7 +44,7 @@ def method_from_peft_config(config: dict[str, Any]) -> Method:
     for cls in METHODS.values():
         if cls.peft_type == peft_type:
             return cls.from_peft_config(config)
-    known = ", ".join(cls.peft_type for cls in METHODS.values())
+    known = ", ".join(dict.fromkeys(cls.peft_type for cls in METHODS.values()))
     raise DeltatuneError(f"adapter_config.json has peft_type {peft_type!r}, which deltatune cannot load; it reads {known}.")
 
 

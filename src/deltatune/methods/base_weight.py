@@ -25,6 +25,7 @@ NF4 original for unmerge. Only bitsandbytes would be another backend here; it is
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -145,6 +146,30 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, scaler_block_size: 
     return NF4Weight(packed, weight.shape, compute_dtype or weight.dtype, weight.dtype)
 
 
+NF4_COMPONENTS = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
+
+
+def nf4_components(weight: "NF4Weight") -> dict[str, torch.Tensor]:
+    """The tensors that make up an NF4 weight, for a file: 4-bit codes packed two to a byte
+    (uint8), 8-bit scales (int8), one fp32 factor per group of scales, the scales' fp32 mean, and
+    the 16 NF4 levels. With its layout, shape and dtypes they rebuild it exactly."""
+    return {name: getattr(weight.packed, name).detach().to("cpu").contiguous() for name in NF4_COMPONENTS}
+
+
+def nf4_from_components(components: dict[str, torch.Tensor], layout: NF4Layout, shape: torch.Size,
+                        dtype: torch.dtype, stored_dtype: torch.dtype) -> "NF4Weight":
+    """The inverse of :func:`nf4_components`: the very same codes, scales and factors."""
+    template = _torchao_nf4().from_tensor(torch.zeros(layout.block_size), layout.block_size, 1)  # for its metadata class
+    _, meta = template.__tensor_flatten__()
+    meta = {"block_size": layout.block_size, "scaler_block_size": layout.scaler_block_size,
+            "n_blocks": layout.padded_numel // layout.block_size,
+            "tensor_meta": dataclasses.replace(meta["tensor_meta"], original_shape=torch.Size([layout.padded_numel]),
+                                               original_strides=(1,), storage_offset=0, dtype=torch.float32,
+                                               device=components["quantized_data"].device, requires_grad=False)}
+    packed = type(template).__tensor_unflatten__({name: components[name] for name in NF4_COMPONENTS}, meta, None, None)
+    return NF4Weight(packed, torch.Size(shape), dtype, stored_dtype)
+
+
 class NF4Weight(torch.Tensor):
     """A frozen weight in NF4, seen as a tensor of the layer's own shape and compute ``dtype``.
 
@@ -153,6 +178,7 @@ class NF4Weight(torch.Tensor):
     for the matmul and again in backward, so no dense copy outlives a layer's call and the
     weight gets no gradient. Any other operation sees the dequantised tensor; in-place writes
     are refused. ``stored_dtype`` is the dtype it was quantised from: what a write gives back.
+    ``.to(dtype)`` (and ``model.to(dtype)``) keeps the codes and changes both dtypes.
     """
 
     packed: Any
@@ -183,6 +209,16 @@ class NF4Weight(torch.Tensor):
 
     def _with(self, packed: Any) -> "NF4Weight":
         return NF4Weight(packed, self.shape, self.dtype, self.stored_dtype)
+
+    def _cast(self, device: torch.device | None, dtype: torch.dtype | None) -> "NF4Weight":
+        """The same codes on ``device``, seen in ``dtype``: ``model.to(torch.bfloat16)`` makes bf16 the
+        compute dtype and the dtype a merge writes, and keeps the weight in 4 bits."""
+        packed = self.packed
+        if device is not None and torch.device(device) != self.device:
+            packed = torch.ops.aten._to_copy.default(packed, device=device)
+        if dtype is None or dtype == self.dtype:
+            return self._with(packed)
+        return NF4Weight(packed, self.shape, dtype, dtype)
 
     def __repr__(self) -> str:
         return f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, {self.layout.describe(self.numel())})"
@@ -222,8 +258,8 @@ class NF4Weight(torch.Tensor):
         aten = torch.ops.aten
         if func in (aten.detach.default, aten.alias.default, aten.clone.default):
             return args[0]._with(args[0].packed)  # never written in place: a clone may share the codes
-        if func is aten._to_copy.default and kwargs.get("dtype") in (None, args[0].dtype):
-            return args[0]._with(args[0].packed.to(kwargs.get("device") or args[0].device))  # a move stays NF4
+        if func is aten._to_copy.default and (kwargs.get("dtype") or args[0].dtype).is_floating_point:
+            return args[0]._cast(kwargs.get("device"), kwargs.get("dtype"))  # a move or a cast stays NF4
         if func._schema.is_mutable:
             raise DeltatuneError(f"A 4-bit (NF4) base weight cannot be changed in place ({func.__name__}); "
                                  "merge the adapter or load the base model without quantisation to edit it.")

@@ -44,7 +44,7 @@ from deltatune.methods.base_weight import layer_sizes
 from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.targets import plain_modules
-from deltatune.validation import require_bool, require_choice, require_number, require_positive_int
+from deltatune.validation import require_bool, require_choice, require_names, require_number, require_size
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "swish": F.silu, "tanh": torch.tanh}
@@ -101,7 +101,7 @@ class Adapter(Method):
             raise DeltatuneError(f"bottleneck_size={self.bottleneck_size} and reduction_factor={self.reduction_factor} "
                                  "both set the adapter's width; give only one of them.")
         if self.bottleneck_size is not None:
-            require_positive_int("bottleneck_size", self.bottleneck_size)
+            require_size("bottleneck_size", self.bottleneck_size)
         else:
             factor = preset.reduction_factor if self.reduction_factor is None else self.reduction_factor
             object.__setattr__(self, "reduction_factor", require_number("reduction_factor", factor, minimum=1))
@@ -120,7 +120,7 @@ class Adapter(Method):
             object.__setattr__(self, "layers", tuple(self.layers))
         require_bool("layer_norm", self.layer_norm)
         require_number("dropout", self.dropout, minimum=0, below=1)
-        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
+        object.__setattr__(self, "modules_to_save", require_names("modules_to_save", self.modules_to_save or ()))
 
     def width(self, hidden: int) -> int:
         """r: the bottleneck size, or hidden // reduction_factor (at least 1)."""

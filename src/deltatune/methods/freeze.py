@@ -31,6 +31,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods.base_training import WeightTrainingMethod, layer_stacks
 from deltatune.methods.trained_copy import trained_modules
 from deltatune.targets import is_match
+from deltatune.validation import require_names, require_regex
 
 PEFT_INCOMPATIBLE = ("peft has no freeze-tuning adapter type; load the folder with deltatune.load_adapter(base, "
                      "folder), or write a whole model with deltatune merge")
@@ -51,8 +52,10 @@ class FreezeTuning(WeightTrainingMethod):
     training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 5e-5}
 
     def __post_init__(self) -> None:
-        if not isinstance(self.modules, str):
-            object.__setattr__(self, "modules", tuple(self.modules or ()))
+        if isinstance(self.modules, str):  # one regex over the whole path
+            require_regex("modules", self.modules)
+        else:
+            object.__setattr__(self, "modules", require_names("modules", self.modules or ()))
         if isinstance(self.trainable_layers, bool) or not isinstance(self.trainable_layers, int):
             raise DeltatuneError(f"trainable_layers must be a whole number, got {self.trainable_layers!r}: fix the config")
         if self.trainable_layers == 0 and not self.modules:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,8 @@ from deltatune.methods.base_weight import WeightStore, layer_sizes, read_weight,
 from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes, shared_parameter_ids
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.targets import ALL_LINEAR, Targets, find_targets, pattern_value, resolve_targets, target_names_for_config
-from deltatune.validation import require_bool, require_choice, require_number, require_positive_int
+from deltatune.validation import (require_bool, require_choice, require_mapping, require_names, require_number,
+                                 require_size, require_targets)
 
 INITS = ("kaiming", "gaussian", "pissa")
 # peft LoraConfig keys that would change what a loaded adapter computes: refused unless off.
@@ -99,14 +100,14 @@ class LoRA(Method):
     training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 1e-3}
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, (list, tuple)):
-            object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
-        require_positive_int("rank", self.rank)
-        for key, rank in self.rank_pattern.items():
-            require_positive_int(f"rank_pattern[{key!r}]", rank)
+        if self.targets is not None:
+            object.__setattr__(self, "targets", require_targets("targets", self.targets))
+        object.__setattr__(self, "modules_to_save", require_names("modules_to_save", self.modules_to_save or ()))
+        object.__setattr__(self, "rank_pattern", require_mapping("rank_pattern", self.rank_pattern or {},
+                                                                 require_size))
+        object.__setattr__(self, "alpha_pattern", require_mapping("alpha_pattern", self.alpha_pattern or {},
+                                                                  lambda name, value: require_number(name, value, minimum=0)))
+        require_size("rank", self.rank)
         require_number("alpha", self.alpha, minimum=0)
         require_number("dropout", self.dropout, minimum=0, below=1)
         require_bool("rslora", self.rslora)
@@ -216,6 +217,9 @@ class LoRALayer(DeltaModule):
         self.dropout: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.svd_init_state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA's A₀, B₀ (fp32)
+        # PiSSA adapters whose A₀, B₀ come with the saved tensors (QLoRA's QPiSSA): name → where
+        # load_adapter_state writes the residual W − s·B₀A₀ (see keep_svd_residual)
+        self.svd_init_on_load: dict[str, Callable[[torch.Tensor], None]] = {}
         self.store = WeightStore(base_layer, shared_weight)
         self._merged: list[str] = []
 
@@ -261,6 +265,16 @@ class LoRALayer(DeltaModule):
         self.svd_init_state[name] = (lora_A.clone(), lora_B.clone())
         return lora_A, lora_B
 
+    def keep_svd_residual(self, name: str, init_A: torch.Tensor, init_B: torch.Tensor,
+                          write_residual: Callable[[torch.Tensor], None]) -> None:
+        """PiSSA's split from given factors A₀ (r × in), B₀ (out × r): ``write_residual`` gets
+        W − s·B₀A₀ (fp32, the weight's own layout) and stores it, and the forward adds s·B₀A₀ back
+        while ``name`` is off. One expression for a fresh split and a reloaded one, so both give
+        the same residual bit for bit (QLoRA quantises it: the same NF4 codes)."""
+        residual = read_weight(self.base_layer).float() - lora_delta(init_A, init_B, self.scaling[name], self.transposed)
+        write_residual(residual)
+        self.svd_init_state[name] = (init_A.detach().float().clone(), init_B.detach().float().clone())
+
     def _weight_out_in(self) -> torch.Tensor:
         weight = read_weight(self.base_layer).float()
         return weight.T if self.transposed else weight
@@ -301,10 +315,21 @@ class LoRALayer(DeltaModule):
         key_A, key_B = self._keys()
         if "bias" in state:  # deltatune 0.1 wrote a wrapped layer's bias as "bias"
             state = {**state, BIAS_KEY: state.pop("bias")}
-        if key_A in state and state[key_A].shape[0] != self.lora_A[name].shape[0]:
-            self._resize(name, state[key_A].shape[0])
+        write_residual = self.svd_init_on_load.pop(name, None)
+        if write_residual is not None:  # PiSSA saved as [A; A₀], [B, −B₀] on W: split back, A₀ B₀ from the file
+            rank = self.lora_A[name].shape[0]
+            check_shapes(where, {key_A: torch.Size([2 * rank, self.in_features]),
+                                 key_B: torch.Size([self.out_features, 2 * rank])}, state)
+            initial = (state[key_A][rank:], -state[key_B][:, rank:])
+            state = {**state, key_A: state[key_A][:rank], key_B: state[key_B][:, :rank]}
+        rank = self.lora_A[name].shape[0]
+        if key_A in state and state[key_A].dim() == 2 and state[key_A].shape[0] != rank:
+            raise DeltatuneError(f"Adapter tensor '{where}.{key_A}' has rank {state[key_A].shape[0]}, but "
+                                 f"adapter_config.json gives this layer rank {rank} (r, rank_pattern); the config "
+                                 "does not belong to these weights: save the adapter again.")
         expected = {key_A: self.lora_A[name].shape, key_B: self.lora_B[name].shape}
         check_shapes(where, expected, state)
+        self._check_finite_delta(name, state[key_A], state[key_B], where)
         if name in self.svd_init_state:  # the file is a plain LoRA on the original W
             self._restore_svd_residual(name)
         with torch.no_grad():
@@ -315,12 +340,20 @@ class LoRALayer(DeltaModule):
                 if name not in self.biases:
                     self.biases[name] = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
                 self.biases[name].copy_(state[BIAS_KEY])
+        if write_residual is not None:
+            self.keep_svd_residual(name, *initial, write_residual)
 
-    def _resize(self, name: str, rank: int) -> None:
-        """A saved rank that differs from the config's (rank_pattern, PiSSA): keep the scale, change r."""
-        old = self.lora_A[name]
-        self.lora_A[name] = nn.Parameter(old.new_zeros(rank, self.in_features), requires_grad=old.requires_grad)
-        self.lora_B[name] = nn.Parameter(old.new_zeros(self.out_features, rank), requires_grad=old.requires_grad)
+    def _check_finite_delta(self, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, where: str) -> None:
+        """Refuse factors whose s·B A overflows the layer's dtype (lora_alpha: 1e308): every |s·(B A)_ij| is
+        at most s·r·max|B|·max|A|, so only when that bound overflows is the product itself computed."""
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        largest, scale = torch.finfo(dtype).max, abs(self.scaling[name])
+        bound = scale * lora_A.shape[0] * float(lora_A.abs().max()) * float(lora_B.abs().max())
+        if scale > largest or (not bound < largest and not bool(
+                torch.isfinite(lora_delta(lora_A, lora_B, self.scaling[name]).to(dtype)).all())):
+            raise DeltatuneError(f"Adapter '{where}' scales B·A by {self.scaling[name]:.4g} (lora_alpha / r), which "
+                                 "overflows to infinite weights; fix lora_alpha in adapter_config.json.")
 
     def _restore_svd_residual(self, name: str) -> None:
         """Give back PiSSA's s·B₀A₀ to the base weight: it is W again as far as ``name`` goes."""

@@ -50,7 +50,7 @@ from deltatune.data import bos_ids
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, check_context, check_not_encoder_decoder,
                                               prepend_virtual_tokens)
-from deltatune.validation import require_choice, require_positive_int
+from deltatune.validation import require_choice, require_names, require_optional_text, require_size
 
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}  # ours → peft's encoder_reparameterization_type
 PEFT_KEYS = {"peft_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
@@ -78,9 +78,9 @@ class PTuning(Method):
     training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 1e-2}  # see README: learning rates
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
+        object.__setattr__(self, "modules_to_save", require_names("modules_to_save", self.modules_to_save or ()))
         count = self.num_virtual_tokens
-        if self.template is not None:
+        if require_optional_text("template", self.template) is not None:
             total = sum(value for kind, value in template_parts(self.template) if kind == "prompt")
             if total == 0:
                 raise DeltatuneError(f"Template {self.template!r} has no {{prompt:N}} slot; add one where the virtual "
@@ -90,11 +90,11 @@ class PTuning(Method):
                                      "leave num_virtual_tokens unset or make them agree.")
             count = total
         object.__setattr__(self, "num_virtual_tokens", 20 if count is None else count)
-        require_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        require_size("num_virtual_tokens", self.num_virtual_tokens)
         require_choice("encoder", self.encoder, ENCODERS)
         for name in ("encoder_hidden_size", "encoder_num_layers"):
             if getattr(self, name) is not None:
-                require_positive_int(name, getattr(self, name))
+                require_size(name, getattr(self, name))
         if self.verbalizer is not None:
             if not isinstance(self.verbalizer, Mapping) or len(self.verbalizer) < 2 or not all(
                     isinstance(word, str) and word.strip() for word in self.verbalizer.values()):

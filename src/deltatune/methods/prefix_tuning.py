@@ -61,7 +61,7 @@ from deltatune.methods.trained_copy import inject_trained_copies, trained_module
 from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, batch_and_length, cached_length,
                                               check_context, shift_positions,
                                               widen_attention_mask)
-from deltatune.validation import require_bool, require_positive_int
+from deltatune.validation import require_bool, require_names, require_size
 
 __all__ = ["AttentionLayout", "PrefixKeyValues", "PrefixLayer", "PrefixTuning"]
 
@@ -91,9 +91,9 @@ class PrefixTuning(Method):
     training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 1e-3}  # see README: learning rates
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
-        require_positive_int("num_virtual_tokens", self.num_virtual_tokens)
-        require_positive_int("projection_hidden_size", self.projection_hidden_size)
+        object.__setattr__(self, "modules_to_save", require_names("modules_to_save", self.modules_to_save or ()))
+        require_size("num_virtual_tokens", self.num_virtual_tokens)
+        require_size("projection_hidden_size", self.projection_hidden_size)
         for name in ("projection", "encoder_prefix", "cross_prefix"):
             require_bool(name, getattr(self, name))
 

@@ -22,7 +22,7 @@ from deltatune.methods.protocol import Capabilities, Method, check_shapes
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.methods.virtual_tokens import (SequenceDelta, attached_module, check_context, check_not_encoder_decoder,
                                               prepend_virtual_tokens)
-from deltatune.validation import require_choice, require_positive_int
+from deltatune.validation import require_choice, require_names, require_optional_text, require_size
 
 INITS = ("random", "vocab", "text")
 
@@ -43,9 +43,11 @@ class PromptTuning(Method):
     training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 3e-2}  # peft's examples; see README
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
-        require_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        object.__setattr__(self, "modules_to_save", require_names("modules_to_save", self.modules_to_save or ()))
+        require_size("num_virtual_tokens", self.num_virtual_tokens)
         require_choice("init", self.init, INITS)
+        require_optional_text("init_text", self.init_text)
+        require_optional_text("tokenizer_path", self.tokenizer_path)
         if self.init == "text" and not self.init_text:
             raise DeltatuneError('init="text" needs init_text, e.g. init_text="Classify the sentiment:".')
 
@@ -101,7 +103,12 @@ def text_ids(model: nn.Module, text: str, tokenizer_path: str | None) -> list[in
     path = tokenizer_path or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not path:
         raise DeltatuneError('init="text" needs a tokenizer: pass tokenizer_path="path/to/model".')
-    ids = AutoTokenizer.from_pretrained(path, local_files_only=True)(text, add_special_tokens=False)["input_ids"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise DeltatuneError(f"init=\"text\" could not load a tokenizer from {path!r} ({str(error).strip().splitlines()[0]}); "
+                             "pass tokenizer_path=\"path/to/model\", a local folder with the tokenizer.") from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise DeltatuneError(f"init_text {text!r} gives no tokens; use a non-empty text.")
     return ids
