@@ -527,3 +527,11 @@ def test_a_lone_surrogate_in_the_data_is_one_sentence(tmp_path):
         load_seq2seq_records(path)
     path.write_text('{"prompt": "a pair is fine \\ud83d\\ude00", "completion": "b"}\n', encoding="utf-8")
     assert load_examples(path)[0].prompt.endswith("\U0001F600")
+
+
+def test_a_folder_given_as_data_is_named_as_such(tmp_path):
+    from deltatune.task_data import read_rows
+
+    for read in (load_examples, read_rows):
+        with pytest.raises(DeltatuneError, match="is a folder: give the file inside it"):
+            read(tmp_path)

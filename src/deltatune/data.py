@@ -103,6 +103,8 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """(where, record) for each record of a data file; ``where`` names the file and line (or record)."""
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise DeltatuneError(f"data file {path} is a folder: give the file inside it")
         raise DeltatuneError(f"data file {path} does not exist: check the path")
     with path.open("rb") as lines:  # bytes, decoded line by line: an encoding error names its line
         found = _first_text(path, lines)

@@ -68,6 +68,8 @@ def iter_rows(path: str | os.PathLike, columns: Sequence[str] | None = None) -> 
     memory does not grow with the file's size (a JSON array is parsed whole)."""
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise DeltatuneError(f"data file {path} is a folder: give the file inside it")
         raise DeltatuneError(f"data file {path} does not exist: check the path")
     suffix = path.suffix.lower()
     if columns is not None and suffix not in (".tsv", ".csv"):
