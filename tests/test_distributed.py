@@ -29,6 +29,7 @@ from deltatune.cli import main as cli_main
 from deltatune.distributed import FSDPRuntime, shard_units, start_runtime, without_nproc
 from deltatune.errors import DeltatuneError
 from deltatune.pretrained import bundled
+from deltatune.sharded_state import SHARDS, read_whole
 from deltatune.train import TrainConfig, train
 
 from conftest import tiny_llama
@@ -58,22 +59,37 @@ def settings(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-# name: (strategy, model, training settings, resume from a copied checkpoint)
+def dropout_lora_model():
+    return dt.wrap(tiny_llama(), dt.LoRA(**LORA, dropout=0.5))
+
+
+# name: (strategy, model, training settings, where the run resumes from: None, or a checkpoint of another
+# scenario, "single/<name>/checkpoint-N" or "parallel/<name>/checkpoint-N")
 SCENARIOS = {
-    "ddp-lora": ("ddp", lora_model, settings(gradient_accumulation_steps=2), False),
-    "ddp-prefix": ("ddp", prefix_model, settings(), False),
-    "ddp-qlora": ("ddp", qlora_model, settings(), False),
-    "fsdp-lora": ("fsdp", lora_model, settings(gradient_accumulation_steps=2), False),
-    "fsdp-full": ("fsdp", full_model, settings(learning_rate=1e-3), False),
-    "fsdp-full-resumed": ("fsdp", full_model, settings(learning_rate=1e-3), True),  # from a 1-process checkpoint
+    "ddp-lora": ("ddp", lora_model, settings(gradient_accumulation_steps=2), None),
+    "ddp-prefix": ("ddp", prefix_model, settings(), None),
+    "ddp-qlora": ("ddp", qlora_model, settings(), None),
+    "fsdp-lora": ("fsdp", lora_model, settings(gradient_accumulation_steps=2), None),
+    "fsdp-full": ("fsdp", full_model, settings(learning_rate=1e-3), None),
+    "fsdp-full-resumed": ("fsdp", full_model, settings(learning_rate=1e-3), "single/fsdp-full/checkpoint-2"),
+    "fsdp-full-longer": ("fsdp", full_model, settings(learning_rate=1e-3, max_steps=6, lr_schedule="constant"), None),
+    "fsdp-full-extended": ("fsdp", full_model, settings(learning_rate=1e-3, max_steps=6, lr_schedule="constant"),
+                           "parallel/fsdp-full-constant/checkpoint-4"),
+    "fsdp-full-constant": ("fsdp", full_model, settings(learning_rate=1e-3, lr_schedule="constant"), None),
+    "ddp-dropout": ("ddp", dropout_lora_model, settings(), None),
+    "ddp-dropout-resumed": ("ddp", dropout_lora_model, settings(), "parallel/ddp-dropout/checkpoint-2"),
 }
+# the order the two processes run them in: a resumed one after the run it starts from
+ORDER = ["ddp-lora", "ddp-prefix", "ddp-qlora", "fsdp-lora", "fsdp-full", "fsdp-full-resumed", "fsdp-full-constant",
+         "fsdp-full-extended", "fsdp-full-longer", "ddp-dropout", "ddp-dropout-resumed"]
+EVAL_EXAMPLES = 5  # batches of 4 and 1: under 2 processes one of them has nothing of the second
 
 
 def run_once(name: str, folder: Path, runtime=None, resume: bool = False) -> None:
     _, build, config, _ = SCENARIOS[name]
     model = build()
-    train(model, tiny_examples(12), [], config, folder, pad_token_id=0, save_model=dt.save, progress=False,
-          runtime=runtime, resume=resume)
+    train(model, tiny_examples(12), tiny_examples(EVAL_EXAMPLES), config, folder, pad_token_id=0, save_model=dt.save,
+          progress=False, runtime=runtime, resume=resume)
 
 
 def replica(rank: int, port: int, root: str) -> None:
@@ -82,13 +98,17 @@ def replica(rank: int, port: int, root: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    for name, (strategy, build, _, resume) in SCENARIOS.items():
+    for name in ORDER:
+        strategy, build, config, resume_from = SCENARIOS[name]
         torch.manual_seed(0)
         model = build()
         runtime = start_runtime(strategy, model)
-        _, _, config, _ = SCENARIOS[name]
-        train(model, tiny_examples(12), [], config, Path(root) / name, pad_token_id=0, save_model=dt.save,
-              progress=False, runtime=runtime, resume=resume)
+        if resume_from and resume_from.startswith("parallel/") and rank == 0:
+            start = Path(root) / resume_from.removeprefix("parallel/")
+            shutil.copytree(start, Path(root) / name / start.name)
+        runtime.barrier()
+        train(model, tiny_examples(12), tiny_examples(EVAL_EXAMPLES), config, Path(root) / name, pad_token_id=0,
+              save_model=dt.save, progress=False, runtime=runtime, resume=resume_from is not None)
     dist.destroy_process_group()
 
 
@@ -100,11 +120,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
-    """Each scenario on one process with the whole batch of 4."""
+    """Each scenario that starts afresh, on one process with the whole batch of 4."""
     root = tmp_path_factory.mktemp("single")
     torch.manual_seed(0)
-    for name, (_, _, _, resume) in SCENARIOS.items():
-        if not resume:
+    for name, (_, _, _, resume_from) in SCENARIOS.items():
+        if resume_from is None:
             run_once(name, root / name)
     return root
 
@@ -112,28 +132,51 @@ def single(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def parallel(single, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("parallel")
-    (root / "fsdp-full-resumed").mkdir()
-    shutil.copytree(single / "fsdp-full" / "checkpoint-2", root / "fsdp-full-resumed" / "checkpoint-2")
+    for name, (_, _, _, resume_from) in SCENARIOS.items():
+        if resume_from and resume_from.startswith("single/"):
+            start = single / resume_from.removeprefix("single/")
+            shutil.copytree(start, root / name / start.name)
     mp.spawn(replica, args=(free_port(), str(root)), nprocs=2, join=True)
     return root
 
 
-def losses(folder: Path) -> list[float]:
+def metrics(folder: Path, key: str) -> list[float]:
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [line["loss"] for line in lines if "loss" in line]
+    return [line[key] for line in lines if key in line]
 
 
-def saved_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every safetensors file in a checkpoint: the method's artifact and the trainer's weights."""
-    found = {}
-    for path in sorted(checkpoint.glob("*.safetensors")):
-        found.update({f"{path.name}:{key}": value for key, value in load_file(str(path)).items()})
+def losses(folder: Path) -> list[float]:
+    return metrics(folder, "loss")
+
+
+def trainer_tensors(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
+    """A checkpoint of scenario ``name``: its trained weights and AdamW moments by name, whether whole
+    tensors written by one process (trainable.safetensors, optimizer.pt) or every process's shards (shards/)."""
+    if (checkpoint / SHARDS).is_dir():
+        return read_whole(checkpoint)
+    found = {f"weights.{key}": value for key, value in load_file(str(checkpoint / "trainable.safetensors")).items()}
+    build = SCENARIOS[name][1]
+    trained = [(key, p) for key, p in build().named_parameters() if p.requires_grad]
+    order = [key for key, p in trained if p.ndim >= 2] + [key for key, p in trained if p.ndim < 2]  # AdamW's groups
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    for index, moments in state.items():
+        found.update({f"optimizer.{order[index]}.{key}": value for key, value in moments.items()})
     return found
 
 
-def assert_same_weights(expected: Path, got: Path) -> None:
-    want, have = saved_tensors(expected), saved_tensors(got)
+def saved_tensors(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: the method's artifact, and the trainer's weights and moments."""
+    found = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        if path.name != "trainable.safetensors":
+            found.update({f"{path.name}:{key}": value for key, value in load_file(str(path)).items()})
+    return found | {f"trainer:{key}": value for key, value in trainer_tensors(checkpoint, name).items()}
+
+
+def assert_same_weights(name: str, expected: Path, got: Path) -> None:
+    want, have = saved_tensors(expected, name), saved_tensors(got, name)
     assert want and want.keys() == have.keys()
+    assert any(key.startswith("trainer:optimizer.") and key.endswith(".exp_avg") for key in want)
     for key, tensor in want.items():
         assert have[key].abs().sum() > 0 or tensor.abs().sum() == 0, f"{key} was saved empty"
         # the same gradients summed in another order: equal up to float rounding
@@ -145,7 +188,10 @@ def test_two_processes_match_one_step_for_step(name, single, parallel):
     want, got = losses(single / name), losses(parallel / name)
     assert len(got) == len(want) == 4  # logged once, by rank 0
     assert got == pytest.approx(want, abs=1e-5)
-    assert_same_weights(single / name / "checkpoint-4", parallel / name / "checkpoint-4")
+    # evaluated before the first step and after the last, each process on its share of every batch
+    want, got = metrics(single / name, "eval_loss"), metrics(parallel / name, "eval_loss")
+    assert len(got) == len(want) == 2 and got == pytest.approx(want, abs=1e-5)
+    assert_same_weights(name, single / name / "checkpoint-4", parallel / name / "checkpoint-4")
 
 
 def test_fsdp_saves_a_loadable_model_folder(parallel):
@@ -153,15 +199,66 @@ def test_fsdp_saves_a_loadable_model_folder(parallel):
     assert config["architectures"] == ["LlamaForCausalLM"]  # not FSDP's dynamic class
 
 
+def test_fsdp_checkpoints_hold_every_process_s_own_shards_and_no_pickle(parallel, single):
+    checkpoint = parallel / "fsdp-full" / "checkpoint-4"
+    shards = sorted(path.name for path in (checkpoint / SHARDS).iterdir())
+    assert shards == ["shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    assert not (checkpoint / "trainable.safetensors").exists()
+    # each process wrote about half of every weight (its rows), not a gathered copy
+    sizes = [(checkpoint / SHARDS / name).stat().st_size for name in shards]
+    whole = sum(tensor.numel() * 4 for tensor in trainer_tensors(single / "fsdp-full" / "checkpoint-4",
+                                                                 "fsdp-full").values())
+    assert all(0.3 * whole < size < 0.7 * whole for size in sizes), (sizes, whole)
+    assert torch.load(checkpoint / "optimizer.pt", weights_only=True)["optimizer"]["state"] == {}
+
+
 @pytest.mark.parametrize("name", ["ddp-lora", "fsdp-full"])
 def test_saved_at_world_size_2_resumes_at_world_size_1(name, single, parallel, tmp_path):
     shutil.copytree(parallel / name / "checkpoint-2", tmp_path / "checkpoint-2")
     run_once(name, tmp_path, resume=True)
-    assert_same_weights(single / name / "checkpoint-4", tmp_path / "checkpoint-4")
+    assert_same_weights(name, single / name / "checkpoint-4", tmp_path / "checkpoint-4")
+
+
+@pytest.mark.parametrize("damage, named", [("missing", "is missing"), ("cut", "is truncated or damaged"),
+                                           ("foreign", "is truncated or damaged")])
+def test_a_damaged_shard_is_one_sentence_naming_it(damage, named, parallel, tmp_path):
+    shutil.copytree(parallel / "fsdp-full" / "checkpoint-2", tmp_path / "checkpoint-2")
+    shard = tmp_path / "checkpoint-2" / SHARDS / "shard-00002-model-00001-of-00001.safetensors"
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "cut":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:
+        shard.write_bytes(b"not a safetensors file")
+    with pytest.raises(DeltatuneError) as caught:
+        run_once("fsdp-full", tmp_path, resume=True)
+    assert str(caught.value) == (f"{shard} {named}: no earlier checkpoint is left, so start over in a new output "
+                                 "folder (or with --overwrite)")
 
 
 def test_saved_at_world_size_1_resumes_at_world_size_2(single, parallel):
-    assert_same_weights(single / "fsdp-full" / "checkpoint-4", parallel / "fsdp-full-resumed" / "checkpoint-4")
+    assert_same_weights("fsdp-full", single / "fsdp-full" / "checkpoint-4", parallel / "fsdp-full-resumed" / "checkpoint-4")
+
+
+def test_a_finished_run_continues_to_a_larger_max_steps_at_any_world_size(single, parallel, tmp_path):
+    # at world size 2: 4 steps, then 2 more, reach the weights of 6 steps at once
+    assert_same_weights("fsdp-full-longer", parallel / "fsdp-full-longer" / "checkpoint-6",
+                        parallel / "fsdp-full-extended" / "checkpoint-6")
+    # at world size 1, from the shards that 2 processes wrote
+    shutil.copytree(parallel / "fsdp-full-constant" / "checkpoint-4", tmp_path / "checkpoint-4")
+    run_once("fsdp-full-longer", tmp_path, resume=True)
+    assert_same_weights("fsdp-full-longer", single / "fsdp-full-longer" / "checkpoint-6", tmp_path / "checkpoint-6")
+
+
+def test_every_process_resumes_its_own_dropout_stream(parallel):
+    """With LoRA dropout, each process draws its own masks; a resumed run restores each process's
+    generator, so it reaches the uninterrupted run's weights (with one shared state it would not)."""
+    rng = torch.load(parallel / "ddp-dropout" / "checkpoint-2" / "rng.pt", weights_only=True)
+    assert len(rng["ranks"]) == 2 and not torch.equal(rng["ranks"][0]["cpu"], rng["ranks"][1]["cpu"])
+    assert_same_weights("ddp-dropout", parallel / "ddp-dropout" / "checkpoint-4",
+                        parallel / "ddp-dropout-resumed" / "checkpoint-4")
+    want, got = losses(parallel / "ddp-dropout"), losses(parallel / "ddp-dropout-resumed")
+    assert got == want[2:]  # the copied checkpoint came without the first steps' log
 
 
 # --- a lost process -----------------------------------------------------------------------------

@@ -753,6 +753,50 @@ def test_resume_where_no_checkpoint_was_written_yet_starts_from_step_zero(tmp_pa
         assert torch.equal(parameter, dict(resumed.named_parameters())[name]), name
 
 
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "interrupted"])
+def test_resume_with_a_larger_max_steps_reaches_the_weights_of_a_run_that_never_stopped(finished, tmp_path, capsys):
+    """A constant schedule does not depend on max_steps: 3 steps then 3 more are 6 steps, to the bit."""
+    constant = dict(lr_schedule="constant", save_every=1 if not finished else 0)
+    train(tiny_model(), tiny_examples(8), [], config(max_steps=3, **constant), tmp_path / "split", pad_token_id=0,
+          save_model=save_trainable, progress=False)
+    if not finished:  # as if stopped after step 2 of a 3-step run
+        shutil.rmtree(tmp_path / "split" / "checkpoint-3")
+    resumed, whole = tiny_model(), tiny_model()
+    result = train(resumed, tiny_examples(8), [], config(max_steps=6, **constant), tmp_path / "split",
+                   pad_token_id=0, save_model=save_trainable, resume=True, progress=False)
+    assert result.step == 6 and "schedule" not in capsys.readouterr().err
+    train(whole, tiny_examples(8), [], config(max_steps=6, **constant), tmp_path / "whole", pad_token_id=0,
+          save_model=save_trainable, progress=False)
+    for name, parameter in whole.named_parameters():
+        assert torch.equal(parameter, dict(resumed.named_parameters())[name]), name
+    logged = [[(line["step"], line["loss"], line["lr"]) for line in read_metrics(tmp_path / folder)]
+              for folder in ("split", "whole")]
+    assert logged[0] == logged[1]
+
+
+def test_resume_with_a_larger_max_steps_stretches_a_decaying_schedule_and_says_so(tmp_path, capsys):
+    train(tiny_model(), tiny_examples(8), [], config(max_steps=3, lr_schedule="linear"), tmp_path, pad_token_id=0,
+          save_model=save_trainable, progress=False)
+    train(tiny_model(), tiny_examples(8), [], config(max_steps=6, lr_schedule="linear"), tmp_path, pad_token_id=0,
+          save_model=save_trainable, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert ("checkpoint-3 was trained towards max_steps=3 and this run goes to 6: the linear schedule continues as "
+            "if laid out over 6 steps (step 4 at 0.5× the learning rate)") in err
+    rates = {line["step"]: line["lr"] for line in read_metrics(tmp_path) if "lr" in line}
+    base = config().learning_rate
+    # steps 1-3 decayed over 3 steps; from step 4 on, 1 - (step - 1) / 6
+    assert rates == pytest.approx({1: base, 2: base * 2 / 3, 3: base / 3, 4: base / 2, 5: base / 3, 6: base / 6})
+
+
+def test_resume_with_a_max_steps_below_the_checkpoint_is_one_sentence(cli_run, capsys):
+    before = snapshot(cli_run.folder)
+    code = main(cli_run.args(cli_run.data, cli_run.folder, "--resume", "--max-steps", "1"))
+    err = capsys.readouterr().err
+    assert code == 1 and err.rstrip().endswith(
+        "checkpoint-2 is at step 2, past this run's max_steps=1: set max_steps to at least 2 to continue it"), err
+    assert snapshot(cli_run.folder) == before
+
+
 # --- --resume refuses a changed setting that changes the result ------------------------------------
 
 
@@ -790,7 +834,6 @@ CHANGES = {  # the change, and what the refusal names
     "truncate": (["truncate=left"], "truncate='right' but this run has 'left'"),
     "packing": (["packing=true"], "packing=False but this run has True"),
     "learning_rate": (["learning_rate=5e-3"], "learning_rate=0.001 but this run has 0.005"),
-    "max_steps": (["--max-steps", "4"], "max_steps=2 but this run has 4"),
     "seed": (["seed=3"], "seed=0 but this run has 3"),
     "eval_data": (["--eval-data", "{data}"], "eval_data=None but this run has '"),
     "dtype": (["dtype=bfloat16"], "dtype='auto' but this run has 'bfloat16'"),

@@ -45,6 +45,11 @@ class DataParallelOverGloo(Runtime):
                     dist.all_reduce(param.grad)
                     param.grad /= self.world_size
 
+    def gather_objects(self, value):
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def barrier(self) -> None:
         dist.barrier()
 

@@ -30,8 +30,10 @@ global one, and process r takes its examples r, r+W, r+2W, ... (``shard``), so W
 exactly what one process reads; the loss is weighed by label tokens summed over every process
 (``all_sum``) and multiplied back by W (``gradient_divisor``) because DDP and FSDP2 average; the
 gradient sync waits for the last micro-batch of a step (``no_sync``,
-``set_requires_gradient_sync``). Checkpoints and the saved adapter hold whole tensors, written
-once by rank 0, so a run continues at any world size. A process that dies or stops answering
+``set_requires_gradient_sync``). The saved adapter or model holds whole tensors, written once by
+rank 0. A checkpoint's trainer state (trained weights, AdamW's moments) is whole tensors written by
+rank 0 under DDP, and under FSDP2 every process's own shards (``torch.distributed.checkpoint``,
+``deltatune.sharded_state``); either continues at any world size. A process that dies or stops answering
 makes the others stop within ``DELTATUNE_DISTRIBUTED_TIMEOUT`` seconds (default 600) with one
 sentence, instead of hanging.
 """
@@ -187,6 +189,18 @@ class DistributedRuntime(Runtime):
             dist.all_reduce(total)
         return float(total)
 
+    def broadcast(self, value: Any) -> Any:
+        box = [value]
+        with self.meeting("sharing the checkpoint's folder"):
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        gathered: list[Any] = [None] * self.world_size
+        with self.meeting("gathering every process's random generators"):
+            dist.all_gather_object(gathered, value)
+        return gathered
+
     def barrier(self) -> None:
         with self.meeting("waiting for every process"):
             if dist.get_backend() == "gloo":  # names the ranks that did not arrive
@@ -254,7 +268,10 @@ class DDPRuntime(DistributedRuntime):
 
 @dataclass
 class FSDPRuntime(DistributedRuntime):
-    """FSDP2: each process keeps 1/W of every parameter, gradient and optimizer moment."""
+    """FSDP2: each process keeps 1/W of every parameter, gradient and optimizer moment, and writes
+    its shards of the trained weights and moments into checkpoints itself."""
+
+    sharded_checkpoints = True
 
     def place(self, model: nn.Module) -> torch.device:
         from torch.distributed.device_mesh import init_device_mesh
@@ -276,16 +293,6 @@ class FSDPRuntime(DistributedRuntime):
         model.set_requires_gradient_sync(last)  # without it, gradients stay whole and local until the last
         with self.meeting("syncing gradients"):
             yield
-
-    def gather(self, parameters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Whole tensors on the main process; the others take part and keep nothing."""
-        gathered = {}
-        with self.meeting("gathering the trained weights"):
-            for name, param in parameters.items():
-                value = _whole(param).detach().to("cpu")  # one tensor at a time on the device
-                if self.is_main:
-                    gathered[name] = value.contiguous().clone()
-        return gathered
 
     @contextmanager
     def whole(self, model: nn.Module) -> Iterator[None]:
@@ -316,18 +323,6 @@ class FSDPRuntime(DistributedRuntime):
             for module, name, param in swapped:
                 module._parameters[name] = param
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Whole tensors on the main process (which writes them); the others take part and keep nothing."""
-        state = optimizer.state_dict()
-        whole: dict[int, dict[str, Any]] = {}
-        with self.meeting("gathering the optimizer's state"):
-            for index, moments in state["state"].items():
-                gathered = {key: _whole(value).to("cpu") if torch.is_tensor(value) else value
-                            for key, value in moments.items()}
-                if self.is_main:
-                    whole[index] = gathered
-        return {"state": whole, "param_groups": state["param_groups"]}
-
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -342,6 +337,15 @@ class FSDPRuntime(DistributedRuntime):
                         moments[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
                                                          src_data_rank=None)
 
+    def release(self, model: nn.Module) -> None:
+        """FSDP2 keeps the root unit's weights gathered after a forward (a backward would need them next):
+        after an evaluation, which has none, put them back into shards."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def distribute(self, parameters: Mapping[str, torch.Tensor],
                    full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from torch.distributed.tensor import DTensor, distribute_tensor
@@ -354,12 +358,6 @@ class FSDPRuntime(DistributedRuntime):
                                            src_data_rank=None)  # every process read the same file: no broadcast
             laid_out[name] = tensor
         return laid_out
-
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:

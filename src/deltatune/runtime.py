@@ -13,17 +13,24 @@ asks at a few fixed points:
     all_sum(value)            a number summed over every process (token counts, losses)
     gradient_divisor          how many replicas a gradient is averaged over (DDP divides by it)
     accumulating(model, last) context for a micro-batch; a replica skips its gradient sync until the last
+    release(model)            after forwards without a backward (evaluation): FSDP2 shards the gathered weights again
     gather(parameters)        full tensors of the trainable parameters, for checkpoints and saving
     whole(model)              context in which the model's parameters are whole tensors (for writing it)
     optimizer_state(opt)      the optimizer's state with whole tensors: one file for any world size
     load_optimizer_state      and back, onto this process's layout
     distribute(params, full)  full tensors laid out like ``params`` (a shard each, under FSDP2)
+    sharded_checkpoints       whether each process writes its own shards of the trainer's state into a
+                              checkpoint (FSDP2; ``deltatune.sharded_state``) instead of whole tensors
+    broadcast(value)          the main process's ``value``, on every process
+    gather_objects(value)     every process's ``value``, in rank order
+    meeting(what)             context that turns a lost partner process into one sentence about ``what``
     barrier()                 wait for every process
 
 ``Runtime()`` is the single-process default: it changes nothing. Distributed training
 subclasses it (DDP, FSDP2; ``deltatune.distributed``) and the loop stays the same loop. Every
 process calls every method in the same order: the collective ones (``all_sum``, ``gather``,
-``whole``, ``optimizer_state``, ``barrier``) are where the processes meet.
+``whole``, ``optimizer_state``, ``broadcast``, ``gather_objects``, ``barrier``) are where the
+processes meet.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    sharded_checkpoints = False
+
     @property
     def gradient_divisor(self) -> int:
         return 1
@@ -70,6 +79,9 @@ class Runtime:
     def accumulating(self, model: nn.Module, last: bool) -> AbstractContextManager:
         return nullcontext()
 
+    def release(self, model: nn.Module) -> None:
+        pass
+
     def gather(self, parameters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: p.detach().contiguous().clone() for name, p in parameters.items()}
 
@@ -85,6 +97,15 @@ class Runtime:
     def distribute(self, parameters: Mapping[str, torch.Tensor],
                    full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(full)
+
+    def broadcast(self, value: Any) -> Any:
+        return value
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        return [value]
+
+    def meeting(self, what: str) -> AbstractContextManager:
+        return nullcontext()
 
     def barrier(self) -> None:
         pass

@@ -33,8 +33,9 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -52,15 +53,16 @@ from deltatune.errors import DeltatuneError
 from deltatune.losses import model_loss
 from deltatune.memory import PeakMemory
 from deltatune.runtime import Runtime
+from deltatune.sharded_state import SHARDS
 from deltatune.validation import require_bool, require_choice, require_int, require_number
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 NAN_POLICIES = ("stop", "skip")
 # Settings that change which batches are seen or how weights move; resume needs them unchanged.
-# max_steps is one: the learning-rate schedule (cosine, linear) is laid out over it. max_length
-# decides the tokens each example keeps.
+# max_length decides the tokens each example keeps. max_steps may grow on resume (more training);
+# the schedule is then laid out over the new count from the next step on.
 TRAJECTORY_SETTINGS = (
-    "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
+    "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
     "warmup_steps", "lr_schedule", "max_grad_norm", "seed", "bf16", "group_by_length", "max_length",
 )
 LARGEST_COUNT = 2**31 - 1  # a step count, batch size or length beyond this is a typo, and overflows later
@@ -213,6 +215,9 @@ def train(
         checkpoint = resume_checkpoint(output_dir, config, run_settings)
         if checkpoint is not None:
             state = _load_checkpoint(checkpoint, trainable, optimizer, scheduler, config, runtime)
+            note = stretched_schedule_note(checkpoint, config)
+            if note and runtime.is_main:
+                print(note, file=sys.stderr)
         elif runtime.is_main:
             print(f"deltatune: {output_dir} holds no checkpoint yet: training starts from step 0", file=sys.stderr)
     elif _checkpoints(output_dir):
@@ -231,7 +236,7 @@ def train(
                             start_batch=start_step * accumulation, lengths=lengths)
     result = TrainResult(step=start_step, train_loss=math.nan)
     if start_step == 0 and eval_examples:  # the starting point, so every run's log shows its gain
-        result.eval_losses.append((0, evaluate(model, eval_examples, config, pad_token_id, collate_fn)))
+        result.eval_losses.append((0, evaluate(model, eval_examples, config, pad_token_id, collate_fn, runtime)))
         if runtime.is_main:
             _append_metrics(metrics_path, {"step": 0, "eval_loss": result.eval_losses[0][1]}, output_dir)
     tokens_seen, started = 0, time.perf_counter()
@@ -273,7 +278,7 @@ def train(
                 record["skipped_steps"] = skipped
             final = step == config.max_steps
             if eval_examples and (final or (config.eval_every and step % config.eval_every == 0)):
-                record["eval_loss"] = evaluate(model, eval_examples, config, pad_token_id, collate_fn)
+                record["eval_loss"] = evaluate(model, eval_examples, config, pad_token_id, collate_fn, runtime)
                 result.eval_losses.append((step, record["eval_loss"]))
             if runtime.is_main and (final or not finite or "eval_loss" in record or step % config.log_every == 0):
                 if peak_memory is not None:
@@ -393,22 +398,32 @@ def _accumulate_gradients(
 def evaluate(
     model: nn.Module, eval_examples: Sequence[dict[str, list[int]]], config: TrainConfig, pad_token_id: int,
     collate_fn: Callable[[Sequence[dict[str, Any]], int], dict[str, torch.Tensor]] = collate,
+    runtime: Runtime | None = None,
 ) -> float:
-    """Mean loss per predicted token over the first ``eval_batches`` batches (all when 0)."""
-    device = next(model.parameters()).device
+    """Mean loss per predicted token over the first ``eval_batches`` batches (all when 0).
+
+    Under several processes each takes its share of every batch, as in training, and the sums meet:
+    W processes evaluate each example once between them. A process left without an example of a
+    batch (its last, short one) runs the batch's first with weight 0, because FSDP2's forward is a
+    meeting of every process."""
+    runtime = runtime or Runtime()
+    device = runtime.device or next(model.parameters()).device
     starts = range(0, len(eval_examples), config.batch_size)
     if config.eval_batches:
         starts = starts[: config.eval_batches]
     model.eval()
     loss_sum, token_count = 0.0, 0
     for start in starts:
-        batch = collate_fn(eval_examples[start : start + config.batch_size], pad_token_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        share = list(range(start, min(start + config.batch_size, len(eval_examples))))[runtime.rank::runtime.world_size]
+        batch = collate_fn([eval_examples[i] for i in share or [start]], pad_token_id)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             loss = model_loss(model, {key: value.to(device) for key, value in batch.items()})
-        count = _predicted_tokens(batch["labels"], model)
-        loss_sum, token_count = loss_sum + loss.item() * count, token_count + count
+        if share:
+            count = _predicted_tokens(batch["labels"], model)
+            loss_sum, token_count = loss_sum + loss.item() * count, token_count + count
+    runtime.release(model)
     model.train()
-    return loss_sum / max(1, token_count)
+    return runtime.all_sum(loss_sum) / max(1, runtime.all_sum(token_count))
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -462,7 +477,25 @@ def resume_checkpoint(output_dir: str | Path, config: TrainConfig,
         if name in now and now[name] != value:
             raise DeltatuneError(f"{checkpoint} was trained with {name}={value!r} but this run has {now[name]!r}: "
                                  "resume with the same setting, or train in a new output folder")
+    if config.max_steps < state["step"]:
+        raise DeltatuneError(f"{checkpoint} is at step {state['step']}, past this run's max_steps={config.max_steps}: "
+                             f"set max_steps to at least {state['step']} to continue it")
     return checkpoint
+
+
+def stretched_schedule_note(checkpoint: Path, config: TrainConfig) -> str | None:
+    """What a resume with another max_steps than the checkpoint's run changes, when it changes anything:
+    the warmup or decay of the learning rate is laid out over the new count from the next step on."""
+    trained = _trainer_state(checkpoint)["config"].get("max_steps", config.max_steps)
+    if trained == config.max_steps or config.lr_schedule == "constant":
+        return None
+    step = _trainer_state(checkpoint)["step"]
+    factor = learning_rate_factor(step, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
+                                  schedule=config.lr_schedule)
+    return (f"deltatune: {checkpoint.name} was trained towards max_steps={trained} and this run goes to "
+            f"{config.max_steps}: the {config.lr_schedule} schedule continues as if laid out over {config.max_steps} "
+            f"steps (step {step + 1} at {factor:.3g}× the learning rate), so the result differs from a run of "
+            f"{config.max_steps} steps from the start (lr_schedule=constant would not)")
 
 
 def _json_ready(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -501,7 +534,10 @@ def _trainer_state(checkpoint: Path) -> dict[str, Any]:
     step = state.get("step") if isinstance(state, dict) else None
     if (not isinstance(state, dict) or not isinstance(step, int) or isinstance(step, bool)
             or f"checkpoint-{step}" != checkpoint.name or not isinstance(state.get("config"), dict)
-            or not isinstance(state.get("run", {}), dict) or not isinstance(state.get("skipped_steps", 0), int)):
+            or not isinstance(state.get("run", {}), dict) or not isinstance(state.get("skipped_steps", 0), int)
+            or not (isinstance(state.get("shards", []), list) and all(isinstance(name, str) and "/" not in name
+                                                                    and name not in ("", ".", "..")
+                                                                    for name in state.get("shards", [])))):
         raise _damaged(path, f"is not the trainer state of {checkpoint.name} (an object with its step and config)")
     return state
 
@@ -510,29 +546,53 @@ def _save_checkpoint(model, trainable, optimizer, scheduler, config, step, outpu
                      runtime: Runtime, extra_state: Mapping[str, Any] | None = None) -> Path:
     """Write ``checkpoint-{step}`` as one rename of a finished folder, then drop the oldest beyond
     ``save_total_limit``. A full disk or a permission error is one sentence: the earlier checkpoints
-    are untouched. ``extra_state`` joins trainer_state.json (skipped steps, the run's settings)."""
+    are untouched. ``extra_state`` joins trainer_state.json (skipped steps, the run's settings).
+
+    Every process takes part. The trained weights and the optimizer's state are whole tensors that the
+    main process writes (``trainable.safetensors``, ``optimizer.pt``), or, where the runtime keeps them
+    in shards (FSDP2), each process writes its own shards into ``shards/`` at once
+    (``deltatune.sharded_state``) and ``optimizer.pt`` keeps the rest of the state."""
     target = output_dir / f"checkpoint-{step}"
-    weights = runtime.gather(trainable)  # every process takes part; the main one writes
-    optimizer_state = runtime.optimizer_state(optimizer)  # whole tensors, whatever the world size
-    if not runtime.is_main:
-        with runtime.whole(model):  # takes part in gathering the weights the main process writes (FSDP2)
-            pass
-        runtime.barrier()
-        return target
-    with write_failure_as_error(target, output_dir), runtime.whole(model), atomic_directory(target) as staging:
-        save_model(model, staging)
-        save_file(weights, str(staging / "trainable.safetensors"))
-        with (staging / "optimizer.pt").open("wb") as file:  # through Python's file: a full disk is an OSError
-            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, file)
-        with (staging / "rng.pt").open("wb") as file:
-            torch.save(_random_state(), file)
-        state = {"step": step, "config": asdict(config), **(extra_state or {})}
-        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    for old in _checkpoints(output_dir)[:-config.save_total_limit]:
-        if old != target:  # the one just written always stays
-            remove_tree(old)
+    sharded = runtime.sharded_checkpoints
+    weights = {} if sharded else runtime.gather(trainable)  # every process takes part; the main one writes
+    optimizer_state = _without_moments(optimizer) if sharded else runtime.optimizer_state(optimizer)
+    random_states = runtime.gather_objects(_random_state())  # dropout's stream differs by process
+    with (write_failure_as_error(target, output_dir) if runtime.is_main else nullcontext(),
+          atomic_directory(target) if runtime.is_main else nullcontext() as staging):
+        if sharded:
+            from deltatune.sharded_state import save_shards, shard_files
+
+            staging = Path(runtime.broadcast(None if staging is None else str(staging)))  # one folder, every writer
+            with runtime.meeting("writing the checkpoint's shards"):
+                save_shards(staging, trainable, optimizer)
+        with runtime.whole(model):  # FSDP2: every process gathers the weights that the main one writes
+            if runtime.is_main:
+                save_model(model, staging)
+        if runtime.is_main:
+            if not sharded:
+                save_file(weights, str(staging / "trainable.safetensors"))
+            with (staging / "optimizer.pt").open("wb") as file:  # through Python's file: a full disk is an OSError
+                torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, file)
+            with (staging / "rng.pt").open("wb") as file:  # process 0's at the top, as one process saves it
+                torch.save({**random_states[0], "ranks": [_torch_random_state(state) for state in random_states]},
+                           file)
+            state = {"step": step, "config": asdict(config), **(extra_state or {})}
+            if sharded:  # every process's file, so that one gone missing is noticed
+                state["shards"] = shard_files(staging)
+            (staging / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        runtime.barrier()  # every shard is written before the main process renames the folder
+    if runtime.is_main:
+        for old in _checkpoints(output_dir)[:-config.save_total_limit]:
+            if old != target:  # the one just written always stays
+                remove_tree(old)
     runtime.barrier()
     return target
+
+
+def _without_moments(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state less its per-parameter tensors (saved in shards): its hyper-parameters."""
+    state = optimizer.state_dict()
+    return {"state": {}, "param_groups": state["param_groups"]}
 
 
 @contextmanager
@@ -576,10 +636,24 @@ def _random_state() -> dict[str, Any]:
             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached))}
 
 
-def _set_random_state(state: Mapping[str, Any]) -> None:
+def _torch_random_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The generators of ``state`` that differ by process: torch's on the CPU and on each GPU (dropout)."""
+    return {"cpu": state["cpu"], "cuda": state["cuda"]}
+
+
+def _set_random_state(state: Mapping[str, Any], rank: int = 0, reseed: int = 0) -> None:
+    """Restore ``state`` (``_random_state``, plus the per-process generators under ``ranks``) in process
+    ``rank``. A process the saving run did not have seeds torch's generator with ``reseed + rank``."""
     torch.set_rng_state(state["cpu"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    ranks = state.get("ranks") or [state]  # checkpoints from before processes kept their own hold one
+    if rank < len(ranks):
+        torch.set_rng_state(ranks[rank]["cpu"])
+        if ranks[rank].get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ranks[rank]["cuda"])
+    else:
+        torch.manual_seed(reseed + rank)
     if "python" in state:  # checkpoints from before these were saved hold torch's only
         random.setstate(state["python"])
     if "numpy" in state:
@@ -590,57 +664,92 @@ def _set_random_state(state: Mapping[str, Any]) -> None:
 def _load_checkpoint(checkpoint: Path, trainable, optimizer, scheduler, config: TrainConfig,
                      runtime: Runtime | None = None) -> dict[str, Any]:
     """Restore weights, optimizer, schedule and RNG from ``checkpoint``; return its trainer state. The
-    files hold whole tensors; ``runtime`` lays them out as this process holds them (a shard each under
-    FSDP2). Every file is read and checked before anything is restored: a truncated, missing or foreign
-    file is one sentence naming it and the earlier checkpoint to continue from."""
+    files hold whole tensors, or shards (``shards/``, written by the processes of an FSDP2 run); either
+    is laid out as this process holds its parameters (a shard each under FSDP2), whatever the world
+    size that wrote it. Every file is read and checked before anything is restored: a truncated,
+    missing or foreign file is one sentence naming it and the earlier checkpoint to continue from."""
     runtime = runtime or Runtime()
     state = _trainer_state(checkpoint)
 
     def read(name: str, load: Callable[[Path], Any]) -> Any:
         path = checkpoint / name
-        if not path.is_file():
+        if not (path.is_dir() if name == SHARDS else path.is_file()):
             raise _damaged(path, "is missing")
         try:
             return load(path)
         except Exception:  # whatever the parser trips on, the file is not what a checkpoint holds
             raise _damaged(path, "is truncated or damaged") from None
 
-    full = read("trainable.safetensors", lambda path: load_file(str(path)))
+    sharded = (checkpoint / SHARDS).is_dir()
+    if sharded:
+        from deltatune.sharded_state import DamagedShards, saved_shapes
+
+        try:
+            shapes = saved_shapes(checkpoint, state.get("shards"))
+        except DamagedShards as damage:
+            raise _damaged(damage.path, damage.problem) from None
+    else:
+        full = read("trainable.safetensors", lambda path: load_file(str(path)))
+        shapes = {name: tuple(tensor.shape) for name, tensor in full.items()}
     states = read("optimizer.pt", lambda path: torch.load(path, weights_only=True))
     rng = read("rng.pt", lambda path: torch.load(path, weights_only=True))
     if not (isinstance(states, dict) and isinstance(states.get("optimizer"), dict)
             and isinstance(states.get("scheduler"), dict)):
         raise _damaged(checkpoint / "optimizer.pt", "does not hold the optimizer and schedule state")
-    if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor)):
+    if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor)
+            and all(isinstance(one, dict) and isinstance(one.get("cpu"), torch.Tensor) for one in rng.get("ranks", []))):
         raise _damaged(checkpoint / "rng.pt", "does not hold the random generators' state")
     fix = "resume with the same method settings"
-    missing, extra = sorted(trainable.keys() - full.keys()), sorted(full.keys() - trainable.keys())
+    missing, extra = sorted(trainable.keys() - shapes.keys()), sorted(shapes.keys() - trainable.keys())
     if missing:
         raise DeltatuneError(f"{checkpoint} has no weights for trainable parameter {missing[0]}: {fix}")
     if extra:
         raise DeltatuneError(f"{checkpoint} holds {extra[0]}, which is not trainable in this model: {fix}")
     for name, parameter in trainable.items():
-        if full[name].shape != parameter.shape:
+        if tuple(shapes[name]) != tuple(parameter.shape):
             raise DeltatuneError(
-                f"{checkpoint} holds {name} with shape {tuple(full[name].shape)} but the model has "
+                f"{checkpoint} holds {name} with shape {tuple(shapes[name])} but the model has "
                 f"{tuple(parameter.shape)}: {fix}"
             )
-    weights = runtime.distribute(trainable, full)
+    if sharded:
+        from deltatune.sharded_state import load_shards
+
+        with runtime.meeting("reading the checkpoint's shards"):
+            weights, moments = read(SHARDS, lambda path: load_shards(checkpoint, trainable))
+        optimizer_state = _with_moments(states["optimizer"], moments, optimizer, trainable)
+    else:
+        weights = runtime.distribute(trainable, full)
+        optimizer_state = states["optimizer"]
     try:
-        runtime.load_optimizer_state(optimizer, states["optimizer"])
+        (optimizer.load_state_dict if sharded else partial(runtime.load_optimizer_state, optimizer))(optimizer_state)
         scheduler.load_state_dict(states["scheduler"])
     except Exception:
         raise _damaged(checkpoint / "optimizer.pt", "does not fit this run's trainable parameters") from None
     if scheduler.last_epoch != state["step"] or not _optimizer_state_fits(optimizer):
         raise _damaged(checkpoint / "optimizer.pt", f"does not hold the state of step {state['step']} of this run")
+    # the learning rate of the next step, from this run's schedule (which a larger max_steps stretches)
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     with torch.no_grad():
         for name, parameter in trainable.items():
             parameter.copy_(weights[name])
     try:
-        _set_random_state(rng)
+        _set_random_state(rng, runtime.rank, reseed=config.seed + state["step"] * LARGEST_SEED)
     except Exception:
         raise _damaged(checkpoint / "rng.pt", "does not hold the random generators' state") from None
     return state
+
+
+def _with_moments(optimizer_state: Mapping[str, Any], moments: Mapping[str, Mapping[str, torch.Tensor]],
+                  optimizer: torch.optim.Optimizer, trainable: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """An optimizer state dict: the saved hyper-parameters with the moments read from shards, numbered
+    as ``optimizer.state_dict`` numbers the parameters."""
+    name_of = {id(param): name for name, param in trainable.items()}
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    state = {index: dict(moments[name_of[id(param)]]) for index, param in enumerate(params)
+             if name_of[id(param)] in moments}
+    return {"state": state, "param_groups": optimizer_state["param_groups"]}
 
 
 def _optimizer_state_fits(optimizer: torch.optim.Optimizer) -> bool:
