@@ -6,8 +6,10 @@ processes sum the same gradients in another order); a checkpoint written at worl
 at world size 1 (and one written at world size 1 at world size 2) to the weights of a run that never
 stopped; a process that dies or hangs makes the other stop with one sentence; ``--nproc 2`` runs.
 
-Every two-process scenario runs in one ``mp.spawn`` (module fixture ``parallel``): starting
-processes is the cost here, not the tiny models.
+The processes take the backend the runtime picks: NCCL on a machine with two GPUs or more (the
+same tests, on GPUs), gloo on the CPU otherwise. Every two-process scenario runs in one
+``mp.spawn`` (module fixture ``parallel``): starting processes is the cost here, not the tiny
+models.
 """
 
 from __future__ import annotations
@@ -131,6 +133,18 @@ def replica(rank: int, port: int, root: str) -> None:
         train(model, tiny_examples(12), tiny_examples(EVAL_EXAMPLES), config, Path(root) / name, pad_token_id=0,
               save_model=dt.save, progress=False, runtime=runtime, resume=resume_from is not None)
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def backend():
+    """The processes use NCCL where there is a GPU for each (the runtime's own choice), else gloo on the
+    CPU: with one GPU, two processes would share it, which NCCL refuses, so the children do not see it."""
+    hidden = torch.cuda.device_count() < 2 and "CUDA_VISIBLE_DEVICES" not in os.environ
+    if hidden:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    yield
+    if hidden:
+        del os.environ["CUDA_VISIBLE_DEVICES"]
 
 
 def free_port() -> int:
