@@ -16,6 +16,7 @@ SMOKE_RUNS = {
     "prompt_vs_peft": ["--quick"],  # llama27M: on a GQA model peft sizes the prefix MLP by the key/value width
     "scaling": ["--quick", "--model", "stories260K"],
     "decode_overhead": ["--quick"],
+    "mixed_adapters": ["--quick"],
     "data_memory": ["--quick"],
     "distributed_throughput": ["--quick"],
     "qlora_memory": ["--train-on", "none", "--rounds", "1"],
