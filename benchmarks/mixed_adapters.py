@@ -125,12 +125,14 @@ def main() -> None:
     if args.quick:
         args.model, args.rounds, args.seq, args.steps = "stories260K", 2, 16, 2
     figures = measure(args.model, args.batch, args.seq, args.rounds, args.steps)
-    print(f"{args.model}, batch {args.batch} x {args.seq}, {args.rounds} rounds (median ms; median ratio to one adapter)")
+    print(f"{args.model}, batch {args.batch} x {args.seq}, {args.rounds} rounds "
+          "(median ms; median ratio to one adapter)")
     print(f"| variant | prefill ms | × one adapter | decode ms ({args.steps} steps) | × one adapter |")
     print("|---|---:|---:|---:|---:|")
     for variant in figures["prefill"]:
         prefill, decode = figures["prefill"][variant], figures["decode"][variant]
-        print(f"| {variant} | {prefill['ms']:.1f} | {prefill['ratio']:.3f} | {decode['ms']:.1f} | {decode['ratio']:.3f} |")
+        print(f"| {variant} | {prefill['ms']:.1f} | {prefill['ratio']:.3f} | {decode['ms']:.1f} "
+              f"| {decode['ratio']:.3f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"model": args.model, "batch": args.batch, "seq": args.seq, "figures": figures}, handle, indent=2)

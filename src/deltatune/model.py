@@ -196,13 +196,14 @@ class DeltaModel(nn.Module):
                 raise DeltatuneError(f"Adapter {name!r} ({method.cli_name}) cannot be chosen per example; "
                                      "run one adapter per batch with set_adapter() instead.")
         modules = [m for _, m in self.delta_modules()]
-        for module in modules:
-            module.batch_adapter_names = list(adapter_names)
+        names = tuple(adapter_names)
+        for module in modules:  # a plain attribute, so past nn.Module's __setattr__ (decoding runs this per token)
+            module.__dict__["batch_adapter_names"] = names
         try:
             yield
         finally:
             for module in modules:
-                module.batch_adapter_names = None
+                module.__dict__["batch_adapter_names"] = None
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self._per_example(adapter_names):

@@ -30,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base_weight import WeightStore, layer_sizes, read_weight, stored_transposed
+from deltatune.methods.per_example import Stacked, add_per_example_low_rank, stacked_factors
 from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes, shared_parameter_ids
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.targets import ALL_LINEAR, Targets, find_targets, pattern_value, resolve_targets, target_names_for_config
@@ -481,7 +482,16 @@ class LoRALayer(DeltaModule):
         return self._low_rank(x, init_A.to(dtype), init_B.to(dtype), self.scaling[name])
 
     def _forward_per_example(self, x: torch.Tensor) -> torch.Tensor:
-        """Each example of the batch uses its own adapter ("__base__": none)."""
+        """Each example of the batch uses its own adapter ("__base__": none): two matmuls for every
+        adapter at once (``per_example``), or, where that does not apply (dropout while training, an
+        adapter's own bias, PiSSA, embeddings), each adapter on its rows."""
+        if not (self.is_embedding or self.biases or self.svd_init_state
+                or (self.training and any(self.dropout[name] > 0 for name in self.lora_A))):
+            names = self.batch_adapter_names
+            if len(names) == x.shape[0] and not self._merged:  # else the general path says what is wrong
+                base = self._modules["base_layer"]
+                out = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x)
+                return add_per_example_low_rank(out, x, self._stacked(), self._slots(tuple(names), x.device))
         rows_of = self.rows_per_adapter(x.shape[0], x.device)
         out = self.base_layer(x).clone()
         for name, rows in rows_of.items():
@@ -494,6 +504,33 @@ class LoRALayer(DeltaModule):
             if rows.numel():
                 out[rows] = out[rows] + self._svd_init_term(x[rows], name).to(out.dtype)
         return out
+
+    def _stacked(self) -> Stacked:
+        """``stacked_factors`` of this layer's adapters, in ``lora_A``'s order. Kept between calls while
+        no gradient is wanted and no factor changed (decoding a mixed batch reuses it every step); the
+        parameter dicts are read directly, because at decode sizes attribute lookups cost more than the math."""
+        lora_A, lora_B = self._modules["lora_A"]._parameters, self._modules["lora_B"]._parameters
+        if torch.is_grad_enabled():
+            factors = [(a, lora_B[n], self.scaling[n]) for n, a in lora_A.items()]
+            return stacked_factors(factors, factors[0][0].dtype)
+        key = tuple((a._version, a.data_ptr(), a.dtype, lora_B[n]._version, lora_B[n].data_ptr(), self.scaling[n])
+                    for n, a in lora_A.items())
+        cached = self.__dict__.get("_stacked_cache")
+        if cached is None or cached[0] != key:
+            factors = [(a, lora_B[n], self.scaling[n]) for n, a in lora_A.items()]
+            cached = self.__dict__["_stacked_cache"] = (key, stacked_factors(factors, factors[0][0].dtype))
+        return cached[1]
+
+    def _slots(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """Each row's slot in ``_stacked``: its adapter's place in ``lora_A``, or the zero slot for a row
+        whose adapter this layer does not have ("__base__", an adapter on other layers only)."""
+        key = (names, tuple(self._modules["lora_A"]._parameters), device)
+        cached = self.__dict__.get("_slots_cache")
+        if cached is None or cached[0] != key:
+            slots = {name: slot for slot, name in enumerate(key[1])}
+            rows = torch.tensor([slots.get(name, len(slots)) for name in names], device=device)
+            cached = self.__dict__["_slots_cache"] = (key, rows)
+        return cached[1]
 
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
