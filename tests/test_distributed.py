@@ -272,7 +272,8 @@ def test_a_damaged_shard_is_one_sentence_naming_it(damage, named, parallel, tmp_
 
 
 def test_saved_at_world_size_1_resumes_at_world_size_2(single, parallel):
-    assert_same_weights("fsdp-full", single / "fsdp-full" / "checkpoint-4", parallel / "fsdp-full-resumed" / "checkpoint-4")
+    assert_same_weights("fsdp-full", single / "fsdp-full" / "checkpoint-4",
+                        parallel / "fsdp-full-resumed" / "checkpoint-4")
 
 
 def test_a_finished_run_continues_to_a_larger_max_steps_at_any_world_size(single, parallel, tmp_path):

@@ -60,7 +60,8 @@ def save_shards(folder: Path, trainable: Mapping[str, torch.Tensor], optimizer: 
     dcp.save(flat_state(trainable, optimizer), storage_writer=writer, no_dist=not _distributed())
 
 
-def load_shards(folder: Path, trainable: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+def load_shards(folder: Path, trainable: Mapping[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """The weights and AdamW moments saved in ``folder/shards``, laid out as this process holds the
     parameters (its shard of each under FSDP2, whole otherwise): (weights, moments by parameter).
     Nothing is copied into the model or the optimizer. A collective under a process group."""

@@ -697,7 +697,8 @@ def _load_checkpoint(checkpoint: Path, trainable, optimizer, scheduler, config: 
             and isinstance(states.get("scheduler"), dict)):
         raise _damaged(checkpoint / "optimizer.pt", "does not hold the optimizer and schedule state")
     if not (isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor)
-            and all(isinstance(one, dict) and isinstance(one.get("cpu"), torch.Tensor) for one in rng.get("ranks", []))):
+            and all(isinstance(one, dict) and isinstance(one.get("cpu"), torch.Tensor)
+                    for one in rng.get("ranks", []))):
         raise _damaged(checkpoint / "rng.pt", "does not hold the random generators' state")
     fix = "resume with the same method settings"
     missing, extra = sorted(trainable.keys() - shapes.keys()), sorted(shapes.keys() - trainable.keys())
