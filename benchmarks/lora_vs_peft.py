@@ -17,6 +17,8 @@ What is measured
   deltatune's trainer does (deltatune.losses.model_loss: logits only where labels are set, in
   chunks); "dt plain-loss" is the same model with model(**batch).loss, as peft and full FT use.
   With --prompt-fraction F the first F of each row is prompt (labels -100), as in SFT.
+  --unfused adds "dt-unfused": dt with DELTATUNE_FUSED_MLP=0, each gated MLP run op by op (what
+  deltatune did before its fused gated MLP), so the two compare within one process.
 - frozen-base limit: the same model with no trainable parameter at all; its input embeddings
   require grad, so the backward runs through every layer and computes no weight gradient
   (model(**batch).loss, no optimizer). LoRA cannot be cheaper than this without skipping work.
@@ -51,6 +53,7 @@ from transformers.utils import logging as hf_logging
 
 import deltatune as dt
 from deltatune.losses import model_loss
+from deltatune.methods import gated_mlp
 from deltatune.memory import PeakMemory, measure_training_step
 from deltatune.pretrained import bundled
 
@@ -123,6 +126,19 @@ def plain_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     return model(**batch).loss
 
 
+def unfused_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The trainer's loss with the fused gated MLP switched off (the forward decides; the backward follows)."""
+    before = os.environ.get(gated_mlp.SWITCH)
+    os.environ[gated_mlp.SWITCH] = "0"
+    try:
+        return model_loss(model, batch)
+    finally:
+        if before is None:
+            del os.environ[gated_mlp.SWITCH]
+        else:
+            os.environ[gated_mlp.SWITCH] = before
+
+
 def frozen_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The frozen-base limit: embeddings that require grad, so backward crosses every layer."""
     embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
@@ -191,7 +207,7 @@ def cpu_training_memory(trainee: Trainee, batch: dict[str, torch.Tensor]) -> dic
 
 
 def make_trainee(kind: str, spec: ModelSpec, targets, device: str) -> Trainee:
-    loss = {"dt": model_loss, "frozen": frozen_loss}.get(kind, plain_loss)
+    loss = {"dt": model_loss, "dt-unfused": unfused_loss, "frozen": frozen_loss}.get(kind, plain_loss)
     return Trainee(make_variant(kind, spec, targets, device), loss)
 
 
@@ -216,10 +232,12 @@ def cuda_training_memory(kind: str, spec: ModelSpec, targets, batch: dict[str, t
 
 # --- one model -----------------------------------------------------------------------------
 def variant_labels(args: argparse.Namespace) -> list[str]:
-    """"full", "frozen", then per target: "dt T", "dt-plain T" (all-linear only), "peft T"."""
+    """"full", "frozen", then per target: "dt T", "dt-unfused T" (--unfused), "dt-plain T" (all-linear only),
+    "peft T"."""
     labels = ([] if args.skip_full else ["full"]) + ["frozen"]
     for tname in chosen_targets(args):
-        labels += [f"dt {tname}"] + ([f"dt-plain {tname}"] if tname == "all-linear" else []) + [f"peft {tname}"]
+        labels += ([f"dt {tname}"] + ([f"dt-unfused {tname}"] if args.unfused else [])
+                   + ([f"dt-plain {tname}"] if tname == "all-linear" else []) + [f"peft {tname}"])
     return labels
 
 
@@ -284,15 +302,12 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace) -> list[dict]:
     rows = []
     med = statistics.median
     for tname in chosen_targets(args):
-        times = {kind: step_times[label] for kind, label in
-                 (("dt", f"dt {tname}"), ("dt-plain", f"dt-plain {tname}"), ("peft", f"peft {tname}"),
-                  ("full", "full"), ("frozen", "frozen")) if label in step_times}
-        labels = {kind: label for kind, label in (("dt", f"dt {tname}"), ("dt-plain", f"dt-plain {tname}"),
-                                                  ("peft", f"peft {tname}"), ("full", "full"), ("frozen", "frozen"))
-                  if label in step_times}
+        labels = {kind: f"{kind} {tname}" if kind.startswith(("dt", "peft")) else kind for kind in KINDS}
+        labels = {kind: label for kind, label in labels.items() if label in step_times}
+        times = {kind: step_times[label] for kind, label in labels.items()}
         ratios = {f"{a}/{b}": median_ratio(times[a], times[b]) for a, b in
                   (("dt", "peft"), ("dt", "frozen"), ("dt", "full"), ("dt-plain", "peft"), ("dt", "dt-plain"),
-                   ("peft", "frozen")) if a in times and b in times}
+                   ("peft", "frozen"), ("dt", "dt-unfused"), ("dt-unfused", "peft")) if a in times and b in times}
         row = {
             "model": spec.name, "parameters": n_params, "targets": tname, "device": device,
             "batch": args.batch, "seq": args.seq, "prompt_fraction": args.prompt_fraction, "scored_tokens": scored,
@@ -322,17 +337,18 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
-KINDS = ("dt", "dt-plain", "peft", "frozen", "full")
+KINDS = ("dt", "dt-unfused", "dt-plain", "peft", "frozen", "full")
 
 
 def table(rows: list[dict], device: str) -> str:
     what = ("params+grads+optimizer+activations" if device == "cpu" else "torch.cuda.max_memory_allocated")
-    lines = [f"| model | targets | batch | step ms ({' / '.join(KINDS)}) | dt/peft | dt/frozen | dt-plain/peft "
-             f"| dt/full | memory MiB ({what}; {' / '.join(KINDS)}) | dt/peft memory | merged/base infer |",
+    kinds = [k for k in KINDS if k != "dt-unfused" or any(k in r["step_s"] for r in rows)]
+    lines = [f"| model | targets | batch | step ms ({' / '.join(kinds)}) | dt/peft | dt/frozen | dt-plain/peft "
+             f"| dt/full | memory MiB ({what}; {' / '.join(kinds)}) | dt/peft memory | merged/base infer |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        step = " / ".join(f"{r['step_s'][k] * 1e3:.0f}" if k in r["step_s"] else "-" for k in KINDS)
-        mem = " / ".join(mib(r["memory_bytes"][k]["total"]) if k in r["memory_bytes"] else "-" for k in KINDS)
+        step = " / ".join(f"{r['step_s'][k] * 1e3:.0f}" if k in r["step_s"] else "-" for k in kinds)
+        mem = " / ".join(mib(r["memory_bytes"][k]["total"]) if k in r["memory_bytes"] else "-" for k in kinds)
         ratio = lambda key: f"{r['ratios'][key]:.3f}" if key in r["ratios"] else "-"
         memory_ratio = r["memory_bytes"]["dt"]["total"] / r["memory_bytes"]["peft"]["total"]
         infer = f"{r['ratio_merged_base']:.3f}" if "ratio_merged_base" in r else "-"
@@ -393,6 +409,8 @@ def main() -> None:
                         help="first fraction of every row is prompt, label -100 (default 0: every token scored)")
     parser.add_argument("--targets", default="both", choices=["both", *TARGETS], help="LoRA targets to run")
     parser.add_argument("--skip-full", action="store_true", help="leave full fine-tuning out (large models)")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also run dt with DELTATUNE_FUSED_MLP=0 (gated MLPs op by op) as variant dt-unfused")
     parser.add_argument("--no-inference", action="store_true", help="leave the merged-inference timing out")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 1 warm-up, batch 2 x 32")
@@ -443,7 +461,8 @@ def main() -> None:
                    "only that model resident")
     print(f"\n{memory_what}. Inference: eval forward, no KV cache; merged = dt.merge(trained adapter), "
           "unmerged = the wrapped model. dt = deltatune with its trainer's loss (label-only logits), dt-plain = "
-          "deltatune with model(**batch).loss, frozen = the frozen-base limit. Ratios: medians of per-round ratios.\n")
+          "deltatune with model(**batch).loss, dt-unfused = dt with DELTATUNE_FUSED_MLP=0 (--unfused), frozen = the "
+          "frozen-base limit. Ratios: medians of per-round ratios.\n")
     print(table(rows, args.device))
     if args.device == "cpu":
         print("\nMemory breakdown (MiB):\n")

@@ -30,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base_weight import WeightStore, layer_sizes, read_weight, stored_transposed
+from deltatune.methods.gated_mlp import LinearTerms, fuse_gated_mlps, low_rank_linear, low_rank_linear_backward
 from deltatune.methods.per_example import Stacked, add_per_example_low_rank, stacked_factors
 from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes, shared_parameter_ids
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
@@ -144,6 +145,7 @@ class LoRA(Method):
         paths += inject_trained_copies(model, heads, adapter_name)
         if self.bias == "all":
             paths += inject_trained_biases(model, adapter_name)
+        fuse_gated_mlps(model)  # Llama-style MLPs keep 2 of their 4 wide activations for backward
         return paths
 
     def peft_config(self, model: nn.Module) -> dict[str, Any]:
@@ -423,6 +425,10 @@ class LoRALayer(DeltaModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_adapter_names is not None:
             return self._forward_per_example(x)
+        if not torch.is_grad_enabled():
+            out = self._forward_without_grad(x)
+            if out is not None:
+                return out
         running = [n for n in self.active_adapters if n not in self._merged] if self._merged else self.active_adapters
         fused = self._fusable_adapter(x, running)
         if fused is not None:
@@ -434,6 +440,23 @@ class LoRALayer(DeltaModule):
         for name in self._svd_inits_to_restore(running):
             out = out + self._svd_init_term(x, name).to(out.dtype)
         return out
+
+    def _forward_without_grad(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Decoding's path (one running adapter on a plain ``nn.Linear``, no dropout), or None for the
+        general one. Parameters are read from the module dicts directly: at batch 1 nn.Module's
+        attribute lookups cost more than the layer's matmuls."""
+        running, base = self.active_adapters, self._modules["base_layer"]
+        if (len(running) != 1 or self._merged or self.svd_init_state or len(self._modules["biases"])
+                or type(base) is not nn.Linear):
+            return None
+        name = running[0]
+        weight = base._parameters["weight"]
+        lora_A = self._modules["lora_A"]._parameters[name]
+        if ((self.training and self.dropout[name] > 0) or not x.dtype == weight.dtype == lora_A.dtype
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        return lora_linear_without_grad(x, weight, base._parameters["bias"], lora_A,
+                                        self._modules["lora_B"]._parameters[name], self.scaling[name])
 
     def _bias_for(self, running: Sequence[str]) -> torch.Tensor | None:
         """The running adapter's own bias if it trains one, else the base layer's."""
@@ -460,6 +483,23 @@ class LoRALayer(DeltaModule):
                 or not x.dtype == weight.dtype == self.lora_A[name].dtype):
             return None
         return name
+
+    def linear_terms(self, x: torch.Tensor) -> LinearTerms | None:
+        """This layer's forward on ``x`` as x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ with at most one adapter
+        (A = B = None: none running), for a kernel that fuses it with its neighbours (the gated
+        MLP); None when it is more than that. ``x`` is the input's stand-in for dtype and device."""
+        if self.batch_adapter_names is not None or self._merged:
+            return None
+        running = self.active_adapters
+        if not running:
+            if self._svd_inits_to_restore(running) or type(self.base_layer) is not nn.Linear:
+                return None
+            return LinearTerms(self.base_layer.weight, self.bias)
+        name = self._fusable_adapter(x, running)
+        if name is None:
+            return None
+        return LinearTerms(self.base_layer.weight, self._bias_for(running), self.lora_A[name], self.lora_B[name],
+                           self.scaling[name], self.dropout[name] if self.training else 0.0)
 
     def _low_rank(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
                   dropout: float = 0.0) -> torch.Tensor:
@@ -543,15 +583,22 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     else as two in-place matmuls with no autograd bookkeeping (decoding, evaluation)."""
     if torch.is_grad_enabled():
         return FusedLoRALinear.apply(x, weight, bias, lora_A, lora_B, scale, dropout)
+    return lora_linear_without_grad(x, weight, bias, lora_A, lora_B, scale, dropout)
+
+
+def lora_linear_without_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                             lora_B: torch.Tensor, scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ as two in-place matmuls, for callers that want no gradient."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    hidden = (F.dropout(x2, dropout) if dropout > 0 else x2) @ lora_A.T  # (N, r)
-    out = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T  # (N, out)
+    hidden = F.linear(F.dropout(x2, dropout) if dropout > 0 else x2, lora_A)  # (N, r)
+    out = F.linear(x2, weight, bias)  # (N, out): addmm / mm, as in the fused kernel
     out.addmm_(hidden, lora_B.T, alpha=scale)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class FusedLoRALinear(torch.autograd.Function):
-    """y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ for a frozen ``nn.Linear``, with a hand-written backward.
+    """y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ for a frozen ``nn.Linear``, with a hand-written backward
+    (the math is in ``gated_mlp.low_rank_linear``, shared with the fused gated MLP).
 
     Faster than two autograd graphs: the LoRA term is added into the base output in place
     (addmm_), and the backward fuses dx = g W + s·(g B) A into one buffer. Leaner with dropout:
@@ -562,14 +609,7 @@ class FusedLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        keep = None
-        dropped = x2
-        if dropout > 0:
-            keep = torch.rand_like(x2) >= dropout  # (N, in) bool
-            dropped = x2 * keep / (1.0 - dropout)
-        hidden = dropped @ lora_A.T  # (N, r)
-        out = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T  # (N, out)
-        out.addmm_(hidden, lora_B.T, alpha=scale)  # + s·h Bᵀ without an (N, out) temporary
+        out, hidden, keep = low_rank_linear(x2, weight, bias, lora_A, lora_B, scale, dropout)  # (N, out)
         ctx.save_for_backward(x2, hidden, weight, lora_A, lora_B, keep)
         ctx.scale, ctx.dropout, ctx.in_shape = scale, dropout, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -578,22 +618,11 @@ class FusedLoRALinear(torch.autograd.Function):
     def backward(ctx, grad):
         x2, hidden, weight, lora_A, lora_B, keep = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        d_hidden = (g @ lora_B).mul_(ctx.scale)  # (N, r)
-        d_x = d_A = d_B = None
-        if ctx.needs_input_grad[0]:
-            if keep is None:
-                d_x = (g @ weight).addmm_(d_hidden, lora_A)  # (N, in)
-            else:
-                d_x = (g @ weight).add_((d_hidden @ lora_A) * keep, alpha=1.0 / (1.0 - ctx.dropout))
-            d_x = d_x.view(ctx.in_shape)
-        if ctx.needs_input_grad[3]:
-            dropped = x2 if keep is None else x2 * keep / (1.0 - ctx.dropout)
-            d_A = d_hidden.T @ dropped  # (r, in)
-        if ctx.needs_input_grad[4]:
-            d_B = (g.T @ hidden).mul_(ctx.scale)  # (out, r)
-        d_bias = g.sum(dim=0) if ctx.needs_input_grad[2] else None  # an adapter's own trained bias
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], *ctx.needs_input_grad[3:5])  # x, b, A, B
+        d_x, d_bias, d_A, d_B = low_rank_linear_backward(g, x2, weight, lora_A, lora_B, ctx.scale, ctx.dropout,
+                                                         hidden, keep, needs)
+        d_x = d_x.view(ctx.in_shape) if d_x is not None else None
         return d_x, None, d_bias, d_A, d_B, None, None
-
 
 
 class TrainedBias(DeltaModule):

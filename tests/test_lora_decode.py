@@ -1,0 +1,85 @@
+"""LoRA's no-grad path (decoding, evaluation): the layer reads its tensors from the module dicts
+directly and runs two in-place matmuls. Its output is the grad-enabled kernel's bit for bit where
+it runs, and equals h = W x + b + s·B A x (or the general path) in every other setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+from deltatune.methods.lora import LoRALayer
+
+from conftest import tiny_llama
+
+
+def layer_with(bias: bool = True, **adapter) -> LoRALayer:
+    torch.manual_seed(0)
+    layer = LoRALayer(nn.Linear(16, 12, bias=bias))
+    layer.base_layer.requires_grad_(False)
+    layer.add_adapter("default", **{"rank": 4, "alpha": 8, **adapter})
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    return layer.eval()
+
+
+def reference(layer: LoRALayer, x: torch.Tensor, name: str = "default") -> torch.Tensor:
+    """W x + b + s·B A x, written out."""
+    base = layer.base_layer
+    out = x @ base.weight.T + (base.bias if base.bias is not None else 0)
+    return out + layer.scaling[name] * (x @ layer.lora_A[name].T @ layer.lora_B[name].T)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 16), (3, 5, 16), (7, 16)])
+def test_without_grad_it_is_the_grad_kernel_bit_for_bit(bias, shape):
+    layer = layer_with(bias=bias)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert layer._forward_without_grad(x) is not None  # the fast path runs
+        fast = layer(x)
+    assert torch.equal(fast, layer(x))  # grad enabled: the fused autograd kernel
+    torch.testing.assert_close(fast, reference(layer, x), rtol=0, atol=1e-5)
+
+
+def test_settings_it_does_not_cover_take_the_general_path():
+    x = torch.randn(2, 3, 16)
+    cases = {
+        "two adapters": layer_with(),
+        "own bias": layer_with(train_bias=True),
+        "dropout in training": layer_with(dropout=0.3).train(),
+        "merged": layer_with(),
+        "pissa": layer_with(init="pissa"),
+    }
+    cases["two adapters"].add_adapter("other", rank=2, alpha=2)
+    cases["two adapters"].set_active(["default", "other"])
+    cases["merged"].merge(["default"])
+    for what, layer in cases.items():
+        with torch.no_grad():
+            assert layer._forward_without_grad(x) is None, what
+    with torch.no_grad():  # and what they give is still W x + Σ s·B A x
+        both = cases["two adapters"]
+        torch.testing.assert_close(both(x), reference(both, x) + both.scaling["other"] * (
+            x @ both.lora_A["other"].T @ both.lora_B["other"].T), rtol=0, atol=1e-5)
+        torch.testing.assert_close(cases["merged"](x), reference(layer_with(), x), rtol=0, atol=1e-5)
+
+
+def test_unmerged_decoding_gives_the_merged_models_tokens():
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=4, alpha=8, targets="all-linear"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in model.adapter_parameters("default").values():
+            param.add_(torch.randn_like(param) * 0.2)
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        unmerged = model.generate(input_ids=prompt, **kwargs)
+        logits = model(input_ids=prompt).logits
+        with dt.disabled(model):
+            base = model(input_ids=prompt).logits
+    merged = dt.merge(model)
+    with torch.no_grad():
+        assert torch.equal(merged.generate(input_ids=prompt, **kwargs), unmerged)
+        torch.testing.assert_close(merged(input_ids=prompt).logits, logits, rtol=0, atol=1e-5)
+    assert not torch.allclose(base, logits, atol=1e-3)  # the adapter changes the output
