@@ -132,19 +132,20 @@ def test_with_several_adapters_the_active_one_runs_fused(monkeypatch):
         assert_fused_equals_plain(model, monkeypatch, fused_calls=fused)
 
 
-def test_mixed_adapter_batches_merged_and_disabled_use_the_modules_own_forward(monkeypatch):
+def test_mixed_adapter_batches_and_merged_layers_use_the_modules_own_forward(monkeypatch):
     model = wrapped()
     model.add_adapter("other", dt.LoRA(rank=2, alpha=4, targets="all-linear"))
     model.set_adapter("default")
     inputs = batch()
     counter = Counter(monkeypatch)
     per_example = model(**inputs, adapter_names=["default", "other"]).logits
-    with dt.disabled(model):
-        base = model(**inputs).logits
     model.merge_adapter()
     merged = model(**inputs).logits
     model.unmerge_adapter()
     assert counter.fused == 0
+    with dt.disabled(model):  # every projection frozen, no LoRA term: fused (keeping g and u) all the same
+        base = model(**inputs).logits
+    assert counter.fused == LAYERS
     with torch.no_grad():
         monkeypatch.setenv(SWITCH, "0")
         expected_first = model(**inputs).logits[0]
@@ -232,9 +233,9 @@ def test_qlora_runs_fused_on_its_nf4_base(dropout, monkeypatch):
 
 
 def test_a_merged_model_gets_its_own_forward_back():
-    model = dt.merge(wrapped())
-    assert all("forward" in layer.mlp.__dict__ for layer in model.model.layers)
-    model(**batch())
+    model = wrapped()
+    assert all("forward" in layer.mlp.__dict__ for layer in model.base_model.model.layers)
+    model = dt.merge(model)
     assert not any("forward" in layer.mlp.__dict__ for layer in model.model.layers)
 
 

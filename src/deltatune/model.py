@@ -19,6 +19,7 @@ from torch import nn
 from deltatune.errors import DeltatuneError
 from deltatune.methods import DeltaModule, Method
 from deltatune.methods.composition import Composition, composition_problem
+from deltatune.methods.gated_mlp import fuse_gated_mlps, unfuse_gated_mlps
 
 
 class DeltaModel(nn.Module):
@@ -76,6 +77,7 @@ class DeltaModel(nn.Module):
                                      "sizes, virtual tokens, block sizes).") from None
             raise
         self.train(self.base_model.training)  # new modules follow the model's mode: no dropout in an eval model
+        fuse_gated_mlps(self.base_model)  # Llama-style MLPs keep 2 of their wide activations for backward, not 3-4
         self.methods[name] = method
         self.set_adapter(name)
 
@@ -318,6 +320,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
         module.merge(names)
         put_back(base, path, module.unload())
     _untie_if_split(base)
+    unfuse_gated_mlps(base)  # the base architecture, its own forwards included
     for param in base.parameters():
         param.requires_grad_(False)
     return base

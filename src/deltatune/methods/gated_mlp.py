@@ -1,4 +1,4 @@
-"""A gated MLP with LoRA projections as one autograd function that keeps only what it must.
+"""A gated MLP (with LoRA projections or frozen ones) as one autograd function that keeps only what it must.
 
 Llama's MLP (and every MLP whose forward is the same code: Mistral, Qwen2, Gemma...) is
 
@@ -17,14 +17,17 @@ elementwise pass, as Unsloth's fast LoRA MLP does:
 Forward values are the op-by-op ones bit for bit (the same kernels in the same order, dropout
 masks drawn in the same order); gradients equal them up to summation order.
 
-``fuse_gated_mlps(model)`` (called when LoRA is injected) points the ``forward`` of every such
-MLP holding a LoRA layer at ``gated_mlp_forward``; state dict, module tree and on-disk format do
-not change. Each call checks that the fused function computes what the module's own forward
-would (grad enabled, no autocast, plain fp weights of one dtype, no hooks on the projections,
-each projection frozen ``nn.Linear`` (QLoRA's NF4 weight included) or one running LoRA adapter,
-no per-example adapters) and otherwise runs the module's own forward; once no projection is a
-LoRA layer (a merged or unloaded model), the first call with grad enabled removes the override.
-``DELTATUNE_FUSED_MLP=0`` turns it off.
+With every projection frozen (the prompt-learning methods, a bottleneck adapter, the frozen layers
+of freeze tuning), op by op keeps g, act(g) and u; this keeps g and u.
+
+``fuse_gated_mlps(model)`` (called by ``deltatune.wrap`` for every method) points the ``forward``
+of every such MLP at ``gated_mlp_forward``; state dict, module tree and on-disk format do not
+change, and ``deltatune.merge`` puts the module's own forward back (``unfuse_gated_mlps``).
+Each call checks that the fused function computes what the module's own forward would (grad
+enabled, no autocast, plain fp weights of one dtype, no hooks on the projections, each
+projection a frozen ``nn.Linear`` (QLoRA's NF4 weight included) or one running LoRA adapter, no
+per-example adapters) and otherwise runs the module's own forward (a trained projection, as in
+full fine-tuning, included). ``DELTATUNE_FUSED_MLP=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -168,16 +171,12 @@ class GatedMLP(torch.autograd.Function):
 
 
 def gated_mlp_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module.forward(x)``: through ``GatedMLP`` where that computes the same, else the module's own.
-    Once no projection is a LoRA layer (the model was merged or unloaded), the first call with grad
-    enabled puts the module's own forward back for good."""
+    """``module.forward(x)``: through ``GatedMLP`` where that computes the same, else the module's own."""
     if torch.is_grad_enabled():  # (checked first: decoding, one token at a time, pays for every lookup)
         terms = fusable_terms(module, x)
         if terms is not None:
             return GatedMLP.apply(x, module.act_fn, tuple(t.scale for t in terms), tuple(t.dropout for t in terms),
                                   *(tensor for t in terms for tensor in t[:4]))
-        if not any(hasattr(getattr(module, name), "linear_terms") for name in PROJECTIONS):
-            module.__dict__.pop("forward", None)
     return type(module).forward(module, x)
 
 
@@ -192,8 +191,8 @@ def fusable_terms(module: nn.Module, x: torch.Tensor) -> list[LinearTerms] | Non
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return None
     terms = [_linear_terms(getattr(module, name), x) for name in PROJECTIONS]
-    if any(t is None for t in terms) or all(t.lora_A is None for t in terms):
-        return None  # not expressible, or no LoRA term: nothing to gain
+    if any(t is None for t in terms):
+        return None  # not expressible
     return terms
 
 
@@ -232,11 +231,11 @@ def is_gated_mlp(module: nn.Module) -> bool:
 
 
 def fuse_gated_mlps(model: nn.Module) -> list[str]:
-    """Point the forward of every gated MLP holding a LoRA layer at ``gated_mlp_forward``; idempotent.
-    A module whose forward was replaced already (by another library's hooks) is left alone."""
+    """Point the forward of every gated MLP at ``gated_mlp_forward``; idempotent. A module whose
+    forward was replaced already (by another library's hooks) is left alone."""
     paths = []
     for path, module in model.named_modules():
-        if not is_gated_mlp(module) or not any(hasattr(getattr(module, n), "linear_terms") for n in PROJECTIONS):
+        if not is_gated_mlp(module):
             continue
         current = module.__dict__.get("forward")
         if current is None:
@@ -245,3 +244,11 @@ def fuse_gated_mlps(model: nn.Module) -> list[str]:
             continue
         paths.append(path)
     return paths
+
+
+def unfuse_gated_mlps(model: nn.Module) -> None:
+    """Give every MLP that ``fuse_gated_mlps`` pointed at ``gated_mlp_forward`` its own forward back."""
+    for module in model.modules():
+        current = module.__dict__.get("forward")
+        if isinstance(current, functools.partial) and current.func is gated_mlp_forward:
+            del module.__dict__["forward"]

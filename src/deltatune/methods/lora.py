@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base_weight import WeightStore, layer_sizes, read_weight, stored_transposed
-from deltatune.methods.gated_mlp import LinearTerms, fuse_gated_mlps, low_rank_linear, low_rank_linear_backward
+from deltatune.methods.gated_mlp import LinearTerms, low_rank_linear, low_rank_linear_backward
 from deltatune.methods.per_example import Stacked, add_per_example_low_rank, stacked_factors
 from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes, shared_parameter_ids
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
@@ -145,7 +145,6 @@ class LoRA(Method):
         paths += inject_trained_copies(model, heads, adapter_name)
         if self.bias == "all":
             paths += inject_trained_biases(model, adapter_name)
-        fuse_gated_mlps(model)  # Llama-style MLPs keep 2 of their 4 wide activations for backward
         return paths
 
     def peft_config(self, model: nn.Module) -> dict[str, Any]:
