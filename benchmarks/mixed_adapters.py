@@ -25,21 +25,12 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 import deltatune as dt
-from deltatune.pretrained import bundled, load_causal_lm
+from decode_overhead import base_model  # the same two models: stories260K and the 27M Llama
 
 ADAPTERS = ("a0", "a1", "a2", "a3")
-
-
-def base_model(name: str) -> torch.nn.Module:
-    if name == "stories260K":
-        return load_causal_lm(bundled("stories260K"))
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
-                         num_key_value_heads=8, vocab_size=8000, max_position_embeddings=1024)
-    return LlamaForCausalLM(config).eval()
 
 
 def four_adapters(name: str) -> torch.nn.Module:
