@@ -215,7 +215,7 @@ def train(
         checkpoint = resume_checkpoint(output_dir, config, run_settings)
         if checkpoint is not None:
             state = _load_checkpoint(checkpoint, trainable, optimizer, scheduler, config, runtime)
-            note = stretched_schedule_note(checkpoint, config)
+            note = stretched_schedule_note(checkpoint.name, state, config)
             if note and runtime.is_main:
                 print(note, file=sys.stderr)
         elif runtime.is_main:
@@ -414,7 +414,8 @@ def evaluate(
     model.eval()
     loss_sum, token_count = 0.0, 0
     for start in starts:
-        share = list(range(start, min(start + config.batch_size, len(eval_examples))))[runtime.rank::runtime.world_size]
+        end = min(start + config.batch_size, len(eval_examples))
+        share = list(range(start, end))[runtime.rank :: runtime.world_size]
         batch = collate_fn([eval_examples[i] for i in share or [start]], pad_token_id)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             loss = model_loss(model, {key: value.to(device) for key, value in batch.items()})
@@ -483,16 +484,17 @@ def resume_checkpoint(output_dir: str | Path, config: TrainConfig,
     return checkpoint
 
 
-def stretched_schedule_note(checkpoint: Path, config: TrainConfig) -> str | None:
-    """What a resume with another max_steps than the checkpoint's run changes, when it changes anything:
-    the warmup or decay of the learning rate is laid out over the new count from the next step on."""
-    trained = _trainer_state(checkpoint)["config"].get("max_steps", config.max_steps)
+def stretched_schedule_note(checkpoint: str, state: Mapping[str, Any], config: TrainConfig) -> str | None:
+    """What a resume with another max_steps than the checkpoint's run (its trainer ``state``) changes,
+    when it changes anything: the warmup or decay of the learning rate is laid out over the new count
+    from the next step on."""
+    trained = state["config"].get("max_steps", config.max_steps)
     if trained == config.max_steps or config.lr_schedule == "constant":
         return None
-    step = _trainer_state(checkpoint)["step"]
+    step = state["step"]
     factor = learning_rate_factor(step, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
                                   schedule=config.lr_schedule)
-    return (f"deltatune: {checkpoint.name} was trained towards max_steps={trained} and this run goes to "
+    return (f"deltatune: {checkpoint} was trained towards max_steps={trained} and this run goes to "
             f"{config.max_steps}: the {config.lr_schedule} schedule continues as if laid out over {config.max_steps} "
             f"steps (step {step + 1} at {factor:.3g}× the learning rate), so the result differs from a run of "
             f"{config.max_steps} steps from the start (lr_schedule=constant would not)")
@@ -644,9 +646,6 @@ def _torch_random_state(state: Mapping[str, Any]) -> dict[str, Any]:
 def _set_random_state(state: Mapping[str, Any], rank: int = 0, reseed: int = 0) -> None:
     """Restore ``state`` (``_random_state``, plus the per-process generators under ``ranks``) in process
     ``rank``. A process the saving run did not have seeds torch's generator with ``reseed + rank``."""
-    torch.set_rng_state(state["cpu"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
     ranks = state.get("ranks") or [state]  # checkpoints from before processes kept their own hold one
     if rank < len(ranks):
         torch.set_rng_state(ranks[rank]["cpu"])
