@@ -190,9 +190,12 @@ def fusable_terms(module: nn.Module, x: torch.Tensor) -> list[LinearTerms] | Non
         return None  # recomputing it in the backward must give act(g) again, and g must survive it
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return None
-    terms = [_linear_terms(getattr(module, name), x) for name in PROJECTIONS]
-    if any(t is None for t in terms):
-        return None  # not expressible
+    terms = []
+    for name in PROJECTIONS:  # the first that is not expressible (a trained weight, say) ends it
+        term = _linear_terms(getattr(module, name), x)
+        if term is None:
+            return None
+        terms.append(term)
     return terms
 
 
