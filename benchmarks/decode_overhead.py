@@ -5,7 +5,7 @@ is (time to generate N tokens − time to generate 1 token) / (N − 1), so the 
 left out. Each round times every variant once, in a rotating order; the table gives the median
 over rounds of the per-round ratio variant / base. Goal: within 1.10× of the base.
 
-    python benchmarks/decode_overhead.py [--rounds 15] [--tokens 48] [--model stories260K|llama27M] [--json out.json]
+    python benchmarks/decode_overhead.py [--rounds 15] [--tokens 48] [--model stories260K|llama27M|smollm135M] [--json out.json]
     python benchmarks/decode_overhead.py --quick          # smoke run: 2 rounds of 8 tokens, numbers meaningless
 """
 
@@ -21,12 +21,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune.pretrained import bundled, load_causal_lm
+from lora_vs_peft import smollm_135m_shape
 
 
 def base_model(name: str) -> torch.nn.Module:
     if name == "stories260K":
         return load_causal_lm(bundled("stories260K"))
     torch.manual_seed(0)
+    if name == "smollm135M":  # SmolLM2-135M's shape, random weights
+        return smollm_135m_shape().eval()
     config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
                          num_key_value_heads=8, vocab_size=8000, max_position_embeddings=1024)
     return LlamaForCausalLM(config).eval()
@@ -62,7 +65,7 @@ def generate_seconds(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="stories260K", choices=["stories260K", "llama27M"])
+    parser.add_argument("--model", default="stories260K", choices=["stories260K", "llama27M", "smollm135M"])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--json")

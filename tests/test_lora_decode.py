@@ -83,3 +83,65 @@ def test_unmerged_decoding_gives_the_merged_models_tokens():
         assert torch.equal(merged.generate(input_ids=prompt, **kwargs), unmerged)
         torch.testing.assert_close(merged(input_ids=prompt).logits, logits, rtol=0, atol=1e-5)
     assert not torch.allclose(base, logits, atol=1e-3)  # the adapter changes the output
+
+
+def change_lora_B_in_place(layer):  # an optimizer step
+    with torch.no_grad():
+        layer.lora_B["default"].add_(1.0)
+
+
+def replace_lora_A_data(layer):
+    layer.lora_A["default"].data = torch.randn(4, 16)
+
+
+def replace_weight_data(layer):
+    layer.base_layer.weight.data = torch.randn(12, 16)
+
+
+def switch_adapter(layer):
+    layer.add_adapter("other", rank=2, alpha=6)
+    with torch.no_grad():
+        layer.lora_B["other"].normal_()
+    layer.set_active(["other"])
+
+
+def re_add_adapter(layer):
+    layer.delete_adapter("default")
+    layer.add_adapter("default", rank=3, alpha=3)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    layer.set_active(["default"])
+
+
+def change_scale(layer):
+    layer.scaling["default"] = 0.25
+
+
+def to_float64(layer):
+    layer.double()
+
+
+def merge_it(layer):
+    layer.merge(["default"])
+
+
+def unmerge_it(layer):
+    layer.merge(["default"])
+    layer.unmerge()
+
+
+@pytest.mark.parametrize("change", [change_lora_B_in_place, replace_lora_A_data, replace_weight_data, switch_adapter,
+                                    re_add_adapter, change_scale, to_float64, merge_it, unmerge_it])
+def test_the_kept_plan_follows_every_change_to_the_layer(change):
+    """After any change to the layer (made between two no-grad calls), its output is still
+    W x + b + s·B A x of what the layer holds now."""
+    layer = layer_with()
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        layer(x)
+        change(layer)
+        x = x.to(layer.base_layer.weight.dtype)
+        name = layer.active_adapters[0]
+        expected = reference(layer, x, name) if not layer.merged_adapters else x @ layer.base_layer.weight.T + layer.bias
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+

@@ -73,3 +73,39 @@ def test_a_factor_changed_in_place_is_seen_by_the_next_mixed_batch():
         mixed = model(input_ids=ids(), adapter_names=names).logits
         model.set_adapter("b")
         assert torch.allclose(mixed[[0, 2]], model(input_ids=ids()[[0, 2]]).logits, atol=1e-5)
+
+
+def test_mixed_greedy_decoding_gives_each_row_its_own_adapters_tokens():
+    """Decoding runs the few-tokens path in place, with the stack and the row masks kept between steps."""
+    model, names = two_adapters(), ["b", "a", "__base__", "a"]
+    prompts = ids(length=5)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        mixed = model.generate(input_ids=prompts, adapter_names=names, **kwargs)
+        for name in ("a", "b"):
+            rows = [row for row, n in enumerate(names) if n == name]
+            model.set_adapter(name)
+            assert torch.equal(mixed[rows], model.generate(input_ids=prompts[rows], **kwargs)), name
+        with dt.disabled(model):
+            assert torch.equal(mixed[[2]], model.generate(input_ids=prompts[[2]], **kwargs))
+
+
+def test_layers_an_adapter_adds_after_a_mixed_batch_are_routed_too():
+    model = dt.wrap(tiny_llama(), dt.LoRA(rank=4, targets=["q_proj"]), adapter_name="a")
+    with torch.no_grad():
+        model(input_ids=ids(), adapter_names=["a", "__base__", "a", "a"])  # routes the q_proj layers
+        model.add_adapter("b", dt.LoRA(rank=2, targets="all-linear"))  # layers that were plain before
+        for param in model.adapter_parameters("b").values():
+            param.copy_(torch.randn_like(param) * 0.1)
+        names = ["a", "b", "__base__", "b"]
+        mixed = model(input_ids=ids(), adapter_names=names).logits
+        model.set_adapter("b")
+        assert torch.allclose(mixed[[1, 3]], model(input_ids=ids()[[1, 3]]).logits, atol=1e-5)
+        model.set_adapter("a")
+        assert torch.allclose(mixed[[0]], model(input_ids=ids()[[0]]).logits, atol=1e-5)
+        with dt.disabled(model):
+            assert torch.allclose(mixed[[2]], model(input_ids=ids()[[2]]).logits, atol=1e-5)
+        model.delete_adapter("b")  # its layers go back to plain ones
+        mixed = model(input_ids=ids(), adapter_names=["__base__", "a", "a", "__base__"]).logits
+        model.set_adapter("a")
+        assert torch.allclose(mixed[[1, 2]], model(input_ids=ids()[[1, 2]]).logits, atol=1e-5)

@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base_weight import WeightStore, layer_sizes, read_weight, stored_transposed
 from deltatune.methods.gated_mlp import LinearTerms, low_rank_linear, low_rank_linear_backward
-from deltatune.methods.per_example import Stacked, add_per_example_low_rank, stacked_factors
+from deltatune.methods.per_example import Stacked, add_per_example_low_rank, own_columns, stacked_factors
 from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes, shared_parameter_ids
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.targets import ALL_LINEAR, Targets, find_targets, pattern_value, resolve_targets, target_names_for_config
@@ -530,7 +530,8 @@ class LoRALayer(DeltaModule):
             if len(names) == x.shape[0] and not self._merged:  # else the general path says what is wrong
                 base = self._modules["base_layer"]
                 out = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x)
-                return add_per_example_low_rank(out, x, self._stacked(), self._slots(tuple(names), x.device))
+                stacked, slots = self._stacked(), self._slots(tuple(names), x.device)
+                return add_per_example_low_rank(out, x, stacked, slots, self._own_columns(stacked, slots))
         rows_of = self.rows_per_adapter(x.shape[0], x.device)
         out = self.base_layer(x).clone()
         for name, rows in rows_of.items():
@@ -570,6 +571,15 @@ class LoRALayer(DeltaModule):
             rows = torch.tensor([slots.get(name, len(slots)) for name in names], device=device)
             cached = self.__dict__["_slots_cache"] = (key, rows)
         return cached[1]
+
+    def _own_columns(self, stacked: Stacked, slots: torch.Tensor) -> torch.Tensor | None:
+        """``own_columns`` of the kept stack and slots, kept with them (None while a gradient is wanted)."""
+        if torch.is_grad_enabled():
+            return None
+        cached = self.__dict__.get("_own_columns_cache")
+        if cached is None or cached[0] is not stacked or cached[1] is not slots:
+            cached = self.__dict__["_own_columns_cache"] = (stacked, slots, own_columns(stacked, slots))
+        return cached[2]
 
     def extra_repr(self) -> str:
         ranks = {n: a.shape[0] for n, a in self.lora_A.items()}

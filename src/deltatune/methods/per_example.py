@@ -55,21 +55,30 @@ def stacked_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
     return Stacked(stacked_A, stacked_B, side_by_side, columns)
 
 
-def add_per_example_low_rank(out: torch.Tensor, x: torch.Tensor, stacked: Stacked,
-                             slot_of_row: torch.Tensor) -> torch.Tensor:
+def own_columns(stacked: Stacked, slot_of_row: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, (n+1)·r): 1 where a column of the wide down-projection belongs to the row's adapter, else 0."""
+    return (stacked.slot_of_column == slot_of_row[:, None]).unsqueeze(1).to(stacked.lora_A.dtype)
+
+
+def add_per_example_low_rank(out: torch.Tensor, x: torch.Tensor, stacked: Stacked, slot_of_row: torch.Tensor,
+                             own: torch.Tensor | None = None) -> torch.Tensor:
     """``out`` plus, for each row b, s·B (A x_b) of the adapter in slot ``slot_of_row[b]`` of ``stacked``.
-    ``x`` is (batch, ..., in), ``out`` (batch, ..., out). In place when no gradient is wanted, else a
-    new tensor."""
+    ``x`` is (batch, ..., in), ``out`` (batch, ..., out); ``own`` is ``own_columns`` of the two, if the
+    caller keeps it. In place when no gradient is wanted, else a new tensor."""
     batch = x.shape[0]
-    rows = x.reshape(batch, -1, x.shape[-1]).to(stacked.lora_A.dtype)
+    rows = x.reshape(batch, -1, x.shape[-1])
+    if rows.dtype != stacked.lora_A.dtype:
+        rows = rows.to(stacked.lora_A.dtype)
+    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (out, rows, *stacked[:2])))
     if rows.shape[1] <= FEW_TOKENS:
         wide = F.linear(rows, stacked.lora_A.flatten(0, 1))  # (batch, tokens, (n+1)·r)
-        own = (stacked.slot_of_column == slot_of_row[:, None]).unsqueeze(1)  # (batch, 1, (n+1)·r)
+        own = own_columns(stacked, slot_of_row) if own is None else own
+        if in_place and out.dtype == wide.dtype and out.is_contiguous():  # decoding: two matmuls, a mask, no temporaries
+            out.view(-1, out.shape[-1]).addmm_(wide.mul_(own).view(-1, wide.shape[-1]), stacked.lora_B_side_by_side.T)
+            return out
         delta = F.linear(wide * own, stacked.lora_B_side_by_side)
     else:
         hidden = torch.bmm(rows, stacked.lora_A[slot_of_row].transpose(1, 2))  # (batch, tokens, r)
         delta = torch.bmm(hidden, stacked.lora_B[slot_of_row].transpose(1, 2))
     delta = delta.to(out.dtype).view(out.shape)
-    if torch.is_grad_enabled() and (out.requires_grad or delta.requires_grad):
-        return out + delta
-    return out.add_(delta)
+    return out.add_(delta) if in_place else out + delta
