@@ -5,7 +5,7 @@ is (time to generate N tokens − time to generate 1 token) / (N − 1), so the 
 left out. Each round times every variant once, in a rotating order; the table gives the median
 over rounds of the per-round ratio variant / base. Goal: within 1.10× of the base.
 
-    python benchmarks/decode_overhead.py [--rounds 15] [--tokens 48] [--model stories260K|llama27M|smollm135M] [--json out.json]
+    python benchmarks/decode_overhead.py [--rounds 15] [--tokens 48] [--model stories260K|llama27M|smollm135M] [--device cuda] [--json out.json]
     python benchmarks/decode_overhead.py --quick          # smoke run: 2 rounds of 8 tokens, numbers meaningless
 """
 
@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune.pretrained import bundled, load_causal_lm
-from lora_vs_peft import smollm_135m_shape
+from lora_vs_peft import smollm_135m_shape, timed
 
 
 def base_model(name: str) -> torch.nn.Module:
@@ -58,9 +57,8 @@ def variants(name: str) -> dict[str, torch.nn.Module]:
 
 @torch.no_grad()
 def generate_seconds(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> float:
-    started = time.perf_counter()
-    model.generate(input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - started
+    return timed(lambda: model.generate(input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens,
+                                        do_sample=False, pad_token_id=0), prompt.device.type)
 
 
 def main() -> None:
@@ -70,6 +68,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 8 tokens")
     args = parser.parse_args()
     if args.quick:
@@ -77,8 +76,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    models = variants(args.model)
-    prompt = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
+    models = {name: model.to(args.device) for name, model in variants(args.model).items()}
+    prompt = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0)).to(args.device)
     per_token: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
     for name in names:  # warm-up
@@ -91,14 +90,15 @@ def main() -> None:
             per_token[name].append((many - one) / (args.tokens - 1))
     ratios = {name: statistics.median(t / b for t, b in zip(per_token[name], per_token["base"])) for name in names}
     print(f"\n{args.model}: greedy decode with KV cache, prompt 24 tokens, {args.tokens} new tokens, "
-          f"{args.rounds} interleaved rounds, {torch.get_num_threads()} threads\n")
+          f"{args.rounds} interleaved rounds, "
+          f"{args.device if args.device != 'cpu' else f'{torch.get_num_threads()} threads'}\n")
     print("| variant | ms / token (median) | × base (median of per-round ratios) |")
     print("|---|---:|---:|")
     for name in names:
         print(f"| {name} | {1000 * statistics.median(per_token[name]):.2f} | {ratios[name]:.3f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"model": args.model, "per_token_s": per_token, "ratio_to_base": ratios}, handle, indent=2)
+            json.dump({"model": args.model, "device": args.device, "per_token_s": per_token, "ratio_to_base": ratios}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ and also one decode step with the KV cache (batch × 1 new token after the batch
 per-row work dominates. The table gives the median over rounds of each variant's time over the
 one-adapter time of the same round. Goal (issue 10): mixed within 1.15× of one adapter.
 
-    python benchmarks/mixed_adapters.py [--model llama27M|stories260K] [--batch 8] [--seq 128] [--rounds 10]
+    python benchmarks/mixed_adapters.py [--model llama27M|stories260K|smollm135M] [--batch 8] [--seq 128] [--rounds 10] [--device cuda]
     python benchmarks/mixed_adapters.py --quick      # smoke run: 2 rounds, numbers meaningless
 """
 
@@ -28,7 +28,8 @@ import torch
 from transformers import DynamicCache
 
 import deltatune as dt
-from decode_overhead import base_model  # the same two models: stories260K and the 27M Llama
+from decode_overhead import base_model  # the same models: stories260K, the 27M Llama, SmolLM2-135M's shape
+from lora_vs_peft import sync
 
 ADAPTERS = ("a0", "a1", "a2", "a3")
 
@@ -57,8 +58,10 @@ def choices(batch: int) -> dict[str, list[str] | None]:
 
 @torch.no_grad()
 def prefill_seconds(model, ids, names) -> float:
+    sync(ids.device.type)
     started = time.perf_counter()
     model(input_ids=ids, adapter_names=names)
+    sync(ids.device.type)
     return time.perf_counter() - started
 
 
@@ -68,17 +71,20 @@ def decode_seconds(model, ids, names, steps: int) -> float:
     cache = DynamicCache()
     out = model(input_ids=ids, adapter_names=names, cache=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
+    sync(ids.device.type)
     started = time.perf_counter()
     for _ in range(steps):
         out = model(input_ids=token, adapter_names=names, cache=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
+    sync(ids.device.type)
     return time.perf_counter() - started
 
 
-def measure(name: str, batch: int, seq: int, rounds: int, steps: int) -> dict[str, dict[str, float]]:
-    model = four_adapters(name)
+def measure(name: str, batch: int, seq: int, rounds: int, steps: int,
+            device: str = "cpu") -> dict[str, dict[str, float]]:
+    model = four_adapters(name).to(device)
     vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     variants = choices(batch)
     kinds = {"prefill": lambda names: prefill_seconds(model, ids, names),
              "decode": lambda names: decode_seconds(model, ids[:, : max(1, seq // 4)], names, steps)}
@@ -102,12 +108,13 @@ def measure(name: str, batch: int, seq: int, rounds: int, steps: int) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama27M", choices=["llama27M", "stories260K"])
+    parser.add_argument("--model", default="llama27M", choices=["llama27M", "stories260K", "smollm135M"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=8, help="decode steps timed per round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 rounds")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
@@ -115,8 +122,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.model, args.rounds, args.seq, args.steps = "stories260K", 2, 16, 2
-    figures = measure(args.model, args.batch, args.seq, args.rounds, args.steps)
-    print(f"{args.model}, batch {args.batch} x {args.seq}, {args.rounds} rounds "
+    figures = measure(args.model, args.batch, args.seq, args.rounds, args.steps, args.device)
+    print(f"{args.model}, batch {args.batch} x {args.seq}, {args.rounds} rounds, {args.device} "
           "(median ms; median ratio to one adapter)")
     print(f"| variant | prefill ms | × one adapter | decode ms ({args.steps} steps) | × one adapter |")
     print("|---|---:|---:|---:|---:|")

@@ -10,6 +10,7 @@ fine-tuning's is dominated by the optimizer until the sequence is long.
     python benchmarks/scaling.py                               # llama27M: seq 128..1024, batch 1..8, rank 4..64
     python benchmarks/scaling.py --quick                       # smoke run, numbers meaningless
     python benchmarks/scaling.py --seqs 128,256 --batches 4 --ranks 8 --rounds 3 --json scaling.json
+    python benchmarks/scaling.py --device cuda --model smollm135M   # on a GPU: the same byte counts, CUDA step times
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from lora_vs_peft import (ModelSpec, Trainee, cpu_training_memory, fresh, interl
 SEED = 0
 
 
-def trainee(kind: str, spec: ModelSpec, rank: int) -> Trainee:
-    model = fresh(spec, "cpu")
+def trainee(kind: str, spec: ModelSpec, rank: int, device: str = "cpu") -> Trainee:
+    model = fresh(spec, device)
     torch.manual_seed(SEED + 1)
     if kind == "lora":
         model = dt.wrap(model, dt.LoRA(rank=rank, alpha=2 * rank, targets="all-linear"))
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--ranks", default="8,4,16,64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--quick", action="store_true", help="smoke run: seq 32,64, batch 1,2, rank 8,16, 1 round")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -72,16 +74,17 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     hf_logging.set_verbosity_error()
     spec = model_specs()[args.model]
-    print(f"# {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+    device = args.device
+    print(f"# {args.model} on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.rounds} interleaved rounds per setting"
           + (" (--quick: meaningless)" if args.quick else ""))
     rows = []
     for batch_size, seq, rank in settings(args):
-        args.batch, args.seq, args.prompt_fraction, args.device = batch_size, seq, 0.5, "cpu"
+        args.batch, args.seq, args.prompt_fraction = batch_size, seq, 0.5
         batch = sft_batch(spec, args)
-        pair = {kind: trainee(kind, spec, rank) for kind in ("lora", "full")}
+        pair = {kind: trainee(kind, spec, rank, device) for kind in ("lora", "full")}
         memory = {kind: cpu_training_memory(t, batch) for kind, t in pair.items()}  # also the warm-up step
-        times = interleave({kind: (lambda t=t: t.step(batch)) for kind, t in pair.items()}, args.rounds, "cpu")
+        times = interleave({kind: (lambda t=t: t.step(batch)) for kind, t in pair.items()}, args.rounds, device)
         del pair
         row = {"batch": batch_size, "seq": seq, "rank": rank, "memory_bytes": memory, "raw_step_times_s": times,
                "step_s": {k: statistics.median(v) for k, v in times.items()},
