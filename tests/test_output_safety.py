@@ -109,3 +109,17 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+
+
+def test_overwrite_clears_an_earlier_compositions_parts_and_keeps_a_users_folder(tmp_path):
+    data_file = data(tmp_path)
+    output = tmp_path / "run"
+    assert main(["train", "--model", MODEL, "--data", str(data_file), "--output", str(output), "--max-steps", "1",
+                 "--quiet", "--method", "prefix+adapter", "batch_size=4", "prefix.num_virtual_tokens=4"]) == 0
+    assert (output / "prefix" / "adapter_config.json").is_file() and (output / "adapter").is_dir()
+    (output / "notes").mkdir()  # the user's own folder, never named by the manifest
+    (output / "notes" / "todo.txt").write_text("mine")
+    assert train_into(output, data_file, "--overwrite") == 0  # one LoRA adapter now
+    assert not (output / "prefix").exists() and not (output / "adapter").exists()
+    assert not (output / "deltatune_composition.json").exists()
+    assert (output / "notes" / "todo.txt").read_text() == "mine" and (output / "adapter_config.json").is_file()

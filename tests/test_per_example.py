@@ -31,13 +31,17 @@ def ids(batch: int = 4, length: int = 6) -> torch.Tensor:
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.parametrize("slots", [[1, 2, 0], [1, 1, 1], [2, 2, 2], [2, 0, 2]],
+                         ids=["b, base, a", "b only", "base only", "a and base"])
 @pytest.mark.parametrize("tokens", [1, FEW_TOKENS, FEW_TOKENS + 1, 9], ids=lambda n: f"{n} tokens")
-def test_the_kernel_is_each_rows_own_low_rank_term(tokens):
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no grad"])
+def test_the_kernel_is_each_rows_own_low_rank_term(tokens, slots, grad):
     torch.manual_seed(0)
     x, out = torch.randn(3, tokens, 8), torch.randn(3, tokens, 6)
     factors = [(torch.randn(4, 8), torch.randn(6, 4), 0.5), (torch.randn(2, 8), torch.randn(6, 2), 2.0)]
-    slots = torch.tensor([1, 2, 0])  # b, none (the zero slot), a
-    got = add_per_example_low_rank(out.clone(), x, stacked_factors(factors, torch.float32), slots)
+    slots = torch.tensor(slots)  # slot 2 is the zero slot: no adapter
+    with torch.set_grad_enabled(grad):
+        got = add_per_example_low_rank(out.clone(), x, stacked_factors(factors, torch.float32), slots)
     for row, slot in enumerate(slots.tolist()):
         lora_A, lora_B, scale = factors[slot] if slot < 2 else (torch.zeros(1, 8), torch.zeros(6, 1), 0.0)
         want = out[row] + scale * (x[row] @ lora_A.T) @ lora_B.T

@@ -14,6 +14,7 @@ that folder removes (``remove_stale_staging``). Staging names carry the writer's
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -179,6 +180,7 @@ OWN_FILES = frozenset({
     "tokenizer.model", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json", "labels.json",
     "deltatune_composition.json",
 })
+COMPOSITION_NAME = "deltatune_composition.json"  # which adapter subfolders run together
 
 
 def is_own_file(path: Path) -> bool:
@@ -206,10 +208,26 @@ def check_output_folder(output: str | os.PathLike, *, overwrite: bool, reads: tu
 
 
 def remove_own_files(folder: Path) -> None:
-    """Clear what an earlier deltatune run wrote into ``folder``; nothing else is touched."""
+    """Clear what an earlier deltatune run wrote into ``folder``: its own files, and the adapter
+    subfolders its composition manifest names. Nothing else is touched."""
+    parts = composition_parts(folder)
     for path in folder.iterdir() if folder.is_dir() else ():
-        if is_own_file(path):
+        if is_own_file(path) or path in parts:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def composition_parts(folder: Path) -> list[Path]:
+    """The subfolders an earlier composition saved here (``deltatune_composition.json`` names them),
+    each only if it is a peft adapter folder; none if there is no readable manifest."""
+    try:
+        names = json.loads((folder / COMPOSITION_NAME).read_text(encoding="utf-8")).get("adapters")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(names, list):
+        return []
+    return [folder / name for name in names
+            if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]+", name)
+            and (folder / name / "adapter_config.json").is_file()]
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.atomic import atomic_file, atomic_write_text
+from deltatune.atomic import COMPOSITION_NAME, atomic_file, atomic_write_text
 from deltatune.errors import DeltatuneError
 from deltatune.methods import METHODS, DeltaModule, Method, method_class, method_from_peft_config
 from deltatune.model import ADAPTER_NAME, DeltaModel, require_adapter_name
@@ -31,7 +31,6 @@ from deltatune.model import ADAPTER_NAME, DeltaModel, require_adapter_name
 CONFIG_NAME = "adapter_config.json"
 TRAINING_STATE_NAME = "adapter_training_state.safetensors"  # deltatune's own: full trainable state
 METHOD_NAME = "deltatune_method.json"  # deltatune's own: the method and its settings, exactly
-COMPOSITION_NAME = "deltatune_composition.json"  # deltatune's own: which subfolders run together
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 

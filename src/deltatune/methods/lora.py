@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base_weight import WeightStore, layer_sizes, read_weight, stored_transposed
 from deltatune.methods.gated_mlp import LinearTerms, low_rank_linear, low_rank_linear_backward
-from deltatune.methods.per_example import Stacked, add_per_example_low_rank, own_columns, stacked_factors
+from deltatune.methods.per_example import Stacked, Wide, add_per_example_low_rank, stacked_factors, wide_factors
 from deltatune.methods.protocol import Capabilities, DeltaModule, Method, check_shapes, shared_parameter_ids
 from deltatune.methods.trained_copy import inject_trained_copies, trained_modules
 from deltatune.targets import ALL_LINEAR, Targets, find_targets, pattern_value, resolve_targets, target_names_for_config
@@ -531,7 +531,7 @@ class LoRALayer(DeltaModule):
                 base = self._modules["base_layer"]
                 out = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x)
                 stacked, slots = self._stacked(), self._slots(tuple(names), x.device)
-                return add_per_example_low_rank(out, x, stacked, slots, self._own_columns(stacked, slots))
+                return add_per_example_low_rank(out, x, stacked, slots, self._wide(stacked, slots))
         rows_of = self.rows_per_adapter(x.shape[0], x.device)
         out = self.base_layer(x).clone()
         for name, rows in rows_of.items():
@@ -572,13 +572,14 @@ class LoRALayer(DeltaModule):
             cached = self.__dict__["_slots_cache"] = (key, rows)
         return cached[1]
 
-    def _own_columns(self, stacked: Stacked, slots: torch.Tensor) -> torch.Tensor | None:
-        """``own_columns`` of the kept stack and slots, kept with them (None while a gradient is wanted)."""
+    def _wide(self, stacked: Stacked, slots: torch.Tensor) -> Wide | None:
+        """``wide_factors`` of the kept stack and slots, kept with them while no gradient is wanted (a
+        decode step reuses the last step's); None otherwise, and the kernel makes its own if it needs one."""
         if torch.is_grad_enabled():
             return None
-        cached = self.__dict__.get("_own_columns_cache")
+        cached = self.__dict__.get("_wide_cache")
         if cached is None or cached[0] is not stacked or cached[1] is not slots:
-            cached = self.__dict__["_own_columns_cache"] = (stacked, slots, own_columns(stacked, slots))
+            cached = self.__dict__["_wide_cache"] = (stacked, slots, wide_factors(stacked, slots))
         return cached[2]
 
     def extra_repr(self) -> str:
