@@ -21,6 +21,8 @@ METHODS = {
     "prompt": lambda: dt.PromptTuning(num_virtual_tokens=5),
     "ptuning-v2": lambda: dt.PTuningV2(num_virtual_tokens=5),
     "full": lambda: dt.FullFineTuning(),
+    "adapter": lambda: dt.Adapter(),
+    "parallel adapter": lambda: dt.Adapter(preset="parallel"),
 }
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
@@ -70,6 +72,33 @@ def test_loss_and_every_gradient_equal_the_plain_loss(architecture, method):
     assert grads.keys() == expected.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads[name], expected[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "prompt"])
+def test_the_last_mlp_runs_on_the_scored_positions_only(method):
+    """Its output elsewhere reaches nothing the loss reads: half of a layer's MLP work on SFT rows."""
+    model = perturbed(dt.wrap(tiny_llama(), METHODS[method]()))
+    batch = sft_batch()
+    seen = []
+    down = model.base_model.model.layers[-1].mlp.down_proj
+    handle = down.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[:-1]))
+    try:
+        model_loss(model, batch).backward()
+    finally:
+        handle.remove()
+    scored = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert seen == [torch.Size([1, scored])]
+    model.gradient_checkpointing_enable()  # a recompute would not see the scored rows: the whole MLP runs
+    seen.clear()
+    handle = down.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[:-1]))
+    try:
+        loss, grads = loss_and_grads(model, batch, model_loss)
+    finally:
+        handle.remove()
+    rows, length = batch["labels"].shape  # (prompt tuning's rows are longer by its virtual tokens)
+    assert seen and all(shape[0] == rows and shape[1] >= length for shape in seen)
+    model.gradient_checkpointing_disable()
+    torch.testing.assert_close(loss, loss_and_grads(model, batch, plain)[0], rtol=0, atol=1e-5)
 
 
 def test_small_chunks_give_the_same_loss(monkeypatch):

@@ -23,6 +23,12 @@ the full logits tensor never exists:
    the head trains): three matmuls per chunk and no recompute. Any other head (an adapted
    one) runs per chunk under activation checkpointing, recomputed in the backward.
 
+4. The last decoder layer's MLP runs on the scored positions only, when it is a Llama-style gated
+   MLP with no hooks of its own and no gradient checkpointing re-runs it: what it gives the
+   other positions reaches nothing the loss reads (the final norm and the head work position by
+   position), so it gets zeros there. On a batch whose first half is prompt that is half of one
+   layer's MLP, forward and backward.
+
 Classifiers (labels [batch]), encoder-decoders, models whose forward takes no
 ``logits_to_keep`` (not a transformers causal LM), sharded heads (DTensor weights) and batches
 with no target all use ``model(**batch).loss`` unchanged. ``DELTATUNE_LABEL_ONLY_LOSS=0`` in
@@ -72,32 +78,57 @@ def label_only_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torc
     head = host.get_output_embeddings()
     if not isinstance(head, nn.Module) or any(_sharded(p) for p in head.parameters()):
         return None
-    call, seen = _ObservedCall(), None
+    call = _ObservedCall(_last_mlp(host))
     handles = [host.register_forward_pre_hook(call.take_labels, with_kwargs=True),
                head.register_forward_pre_hook(call.take_hidden)]
     try:
         output = model(**batch)
     finally:
-        for handle in handles:
+        for handle in handles + call.handles:
             handle.remove()
-    if call.separable(output, head):
-        seen = _scored_loss(head, call.hidden, call.labels, vocabulary=output.logits.shape[-1])
-    if seen is None:
+    if not call.separable(output, head):
         _refused.add(host)
-    return seen
+        return None
+    return _scored_loss(head, call.hidden, call.labels, vocabulary=output.logits.shape[-1])
 
 
 class _ObservedCall:
-    """What the two pre-hooks see of one call: the labels as the causal LM gets them, and the head's input."""
+    """What the two pre-hooks see of one call: the labels as the causal LM gets them, and the head's
+    input; and, where ``last_mlp`` is given, that MLP run on the scored positions only."""
 
-    def __init__(self) -> None:
+    def __init__(self, last_mlp: nn.Module | None = None) -> None:
         self.labels: torch.Tensor | None = None
         self.hidden: torch.Tensor | None = None
         self.head_calls = 0
+        self.last_mlp = last_mlp
+        self.handles: list = []
+        self.rows: torch.Tensor | None = None  # flat indices of the scored positions
 
     def take_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.labels = kwargs.pop("labels", None)  # the model computes no loss of its own
+        if self.last_mlp is not None and torch.is_tensor(self.labels) and self.labels.ndim == 2:
+            self.rows = _scored_positions(self.labels).flatten().nonzero().squeeze(1)
+            self.handles += [self.last_mlp.register_forward_pre_hook(self.take_scored_rows),
+                             self.last_mlp.register_forward_hook(self.put_rows_back)]
         return args, kwargs
+
+    def take_scored_rows(self, module: nn.Module, args: tuple) -> tuple | None:
+        """The MLP's input [B, S, H] → [1, n, H], its scored positions (once per call)."""
+        x, rows = args[0], self.rows
+        if rows is None or not torch.is_tensor(x) or x.ndim != 3 or x.shape[:2] != self.labels.shape:
+            self.rows = None
+            return None
+        self.rows, self.shape = None, x.shape
+        self.taken = rows.to(x.device)
+        return (x.reshape(-1, x.shape[-1]).index_select(0, self.taken).unsqueeze(0),) + args[1:]
+
+    def put_rows_back(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """[1, n, H] → [B, S, H] with zeros at the positions no loss reads."""
+        taken, self.taken = getattr(self, "taken", None), None
+        if taken is None:
+            return None
+        full = output.new_zeros(self.shape[0] * self.shape[1], output.shape[-1])
+        return full.index_copy(0, taken, output.squeeze(0)).view(*self.shape[:2], output.shape[-1])
 
     def take_hidden(self, module: nn.Module, args: tuple) -> tuple:
         self.head_calls += 1
@@ -113,6 +144,26 @@ class _ObservedCall:
         with torch.no_grad():
             expected = head(self.hidden[:, -1:])
         return logits.shape == expected.shape and torch.equal(logits.float(), expected.float())
+
+
+def _scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: the positions whose next label is set (h[b, t] predicts labels[b, t+1])."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:] != IGNORE_INDEX
+
+
+def _last_mlp(host: nn.Module) -> nn.Module | None:
+    """The last decoder layer's MLP, when it is a Llama-style gated MLP that nothing else hooks and
+    no gradient checkpointing recomputes (the recompute would not see the scored rows)."""
+    from deltatune.methods.gated_mlp import is_gated_mlp  # (methods import this module's users)
+
+    layers = getattr(getattr(host, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or getattr(host, "is_gradient_checkpointing", False):
+        return None
+    mlp = getattr(layers[-1], "mlp", None)
+    if (not isinstance(mlp, nn.Module) or not is_gated_mlp(mlp) or mlp._forward_hooks or mlp._forward_pre_hooks
+            or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
+        return None
+    return mlp
 
 
 def _scored_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocabulary: int) -> torch.Tensor | None:
