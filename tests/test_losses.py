@@ -189,3 +189,4 @@ def test_a_batch_without_targets_gives_the_plain_answer():
     batch["labels"].fill_(IGNORE_INDEX)
     with torch.no_grad():
         assert model_loss(model, batch).isnan() and model(**batch).loss.isnan()
+        assert label_only_loss(model, sft_batch()) is not None  # and the next batch takes the label-only path again
