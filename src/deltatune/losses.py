@@ -156,9 +156,12 @@ def _last_mlp(host: nn.Module) -> nn.Module | None:
     no gradient checkpointing recomputes (the recompute would not see the scored rows)."""
     from deltatune.methods.gated_mlp import is_gated_mlp  # (methods import this module's users)
 
-    layers = getattr(getattr(host, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or getattr(host, "is_gradient_checkpointing", False):
+    decoder = getattr(host, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         return None
+    if any(getattr(module, "gradient_checkpointing", False) is True for module in (host, decoder, layers[-1])):
+        return None  # (transformers sets the flag on each checkpointed layer, older versions on the model)
     mlp = getattr(layers[-1], "mlp", None)
     if (not isinstance(mlp, nn.Module) or not is_gated_mlp(mlp) or mlp._forward_hooks or mlp._forward_pre_hooks
             or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
