@@ -173,14 +173,14 @@ def remove_stale_staging(folder: str | os.PathLike) -> list[str]:
 
 
 # Names deltatune writes into an output folder; only these may be replaced or removed there.
+COMPOSITION_NAME = "deltatune_composition.json"  # which adapter subfolders run together
 OWN_FILES = frozenset({
     "adapter_config.json", "adapter_model.safetensors", "adapter_training_state.safetensors",
     "deltatune_method.json", "deltatune_run.yaml", "metrics.jsonl", "config.json", "generation_config.json",
     "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
     "tokenizer.model", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json", "labels.json",
-    "deltatune_composition.json",
+    COMPOSITION_NAME,
 })
-COMPOSITION_NAME = "deltatune_composition.json"  # which adapter subfolders run together
 
 
 def is_own_file(path: Path) -> bool:

@@ -102,7 +102,9 @@ class _ObservedCall:
         self.head_calls = 0
         self.last_mlp = last_mlp
         self.handles: list = []
-        self.rows: torch.Tensor | None = None  # flat indices of the scored positions
+        self.rows: torch.Tensor | None = None  # flat indices of the scored positions, until the MLP takes them
+        self.taken: torch.Tensor | None = None  # the rows the MLP ran on, until its output is put back
+        self.shape: torch.Size | None = None  # the MLP input's [B, S, H]
 
     def take_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.labels = kwargs.pop("labels", None)  # the model computes no loss of its own
@@ -124,7 +126,7 @@ class _ObservedCall:
 
     def put_rows_back(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         """[1, n, H] → [B, S, H] with zeros at the positions no loss reads."""
-        taken, self.taken = getattr(self, "taken", None), None
+        taken, self.taken = self.taken, None
         if taken is None:
             return None
         full = output.new_zeros(self.shape[0] * self.shape[1], output.shape[-1])
