@@ -30,6 +30,7 @@ import deltatune as dt
 from deltatune.cli import main as cli_main
 from deltatune.distributed import FSDPRuntime, shard_units, start_runtime, without_nproc
 from deltatune.errors import DeltatuneError
+from deltatune.methods import gated_mlp
 from deltatune.pretrained import bundled
 from deltatune.sharded_state import SHARDS, read_whole
 from deltatune.train import TrainConfig, train
@@ -121,6 +122,7 @@ def replica(rank: int, port: int, root: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    fused = fused_mlp_counter()
     for name in ORDER:
         strategy, build, config, resume_from = SCENARIOS[name]
         torch.manual_seed(0)
@@ -130,9 +132,23 @@ def replica(rank: int, port: int, root: str) -> None:
             start = Path(root) / resume_from.removeprefix("parallel/")
             shutil.copytree(start, Path(root) / name / start.name)
         runtime.barrier()
+        fused.clear()
         train(model, tiny_examples(12), tiny_examples(EVAL_EXAMPLES), config, Path(root) / name, pad_token_id=0,
               save_model=dt.save, progress=False, runtime=runtime, resume=resume_from is not None)
+        (Path(root) / name / f"fused-mlp-calls-{rank}.txt").write_text(str(len(fused)))
     dist.destroy_process_group()
+
+
+def fused_mlp_counter() -> list:
+    """Counts the calls of the fused gated MLP (one entry each) from now on in this process."""
+    calls, apply = [], gated_mlp.GatedMLP.apply
+
+    def counted(*args):
+        calls.append(None)
+        return apply(*args)
+
+    gated_mlp.GatedMLP.apply = counted
+    return calls
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -227,6 +243,17 @@ def test_two_processes_match_one_step_for_step(name, single, parallel):
     want, got = metrics(single / name, "eval_loss"), metrics(parallel / name, "eval_loss")
     assert len(got) == len(want) == 2 and got == pytest.approx(want, abs=1e-5)
     assert_same_weights(name, single / name / "checkpoint-4", parallel / name / "checkpoint-4")
+
+
+def test_the_fused_gated_mlp_runs_under_ddp_and_fsdp(parallel):
+    """Sharded or replicated, a LoRA model's frozen MLPs keep g and u only (the memory saving holds);
+    full fine-tuning trains the MLP weights, which the fused function leaves to the module's forward."""
+    def calls(name: str) -> list[int]:
+        return [int((parallel / name / f"fused-mlp-calls-{rank}.txt").read_text()) for rank in (0, 1)]
+
+    for name in ("ddp-lora", "fsdp-lora", "ddp-prompt", "fsdp-prompt"):
+        assert min(calls(name)) > 0, name
+    assert calls("fsdp-full") == [0, 0]
 
 
 def test_fsdp_saves_a_loadable_model_folder(parallel):
