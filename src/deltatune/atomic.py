@@ -174,6 +174,7 @@ def remove_stale_staging(folder: str | os.PathLike) -> list[str]:
 
 # Names deltatune writes into an output folder; only these may be replaced or removed there.
 COMPOSITION_NAME = "deltatune_composition.json"  # which adapter subfolders run together
+ADAPTER_NAME = r"[A-Za-z0-9_-]+"  # an adapter's name, also its subfolder's: never a path
 OWN_FILES = frozenset({
     "adapter_config.json", "adapter_model.safetensors", "adapter_training_state.safetensors",
     "deltatune_method.json", "deltatune_run.yaml", "metrics.jsonl", "config.json", "generation_config.json",
@@ -226,7 +227,7 @@ def composition_parts(folder: Path) -> list[Path]:
     if not isinstance(names, list):
         return []
     return [folder / name for name in names
-            if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]+", name)
+            if isinstance(name, str) and re.fullmatch(ADAPTER_NAME, name)
             and (folder / name / "adapter_config.json").is_file()]
 
 

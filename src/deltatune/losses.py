@@ -148,9 +148,14 @@ class _ObservedCall:
         return logits.shape == expected.shape and torch.equal(logits.float(), expected.float())
 
 
+def _next_labels(labels: torch.Tensor) -> torch.Tensor:
+    """[B, S]: the label each position predicts (h[b, t] predicts labels[b, t+1]; the last none)."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+
+
 def _scored_positions(labels: torch.Tensor) -> torch.Tensor:
-    """[B, S] bool: the positions whose next label is set (h[b, t] predicts labels[b, t+1])."""
-    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:] != IGNORE_INDEX
+    """[B, S] bool: the positions whose next label is set."""
+    return _next_labels(labels) != IGNORE_INDEX
 
 
 def _last_mlp(host: nn.Module) -> nn.Module | None:
@@ -172,7 +177,7 @@ def _last_mlp(host: nn.Module) -> nn.Module | None:
 
 
 def _scored_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocabulary: int) -> torch.Tensor | None:
-    predicted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(hidden.device)  # [B, S]: the label h[b,t] predicts
+    predicted = _next_labels(labels).to(hidden.device)  # [B, S]
     scored = predicted != IGNORE_INDEX
     count = int(scored.sum())
     if count == 0:

@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
+from deltatune.atomic import ADAPTER_NAME
 from deltatune.errors import DeltatuneError
 from deltatune.methods import DeltaModule, Method
 from deltatune.methods.composition import Composition, composition_problem
@@ -232,7 +233,6 @@ class DeltaModel(nn.Module):
             self.base_model.disable_input_require_grads()
 
 
-ADAPTER_NAME = r"[A-Za-z0-9_-]+"
 
 
 def require_adapter_name(name: Any) -> str:
