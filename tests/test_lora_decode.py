@@ -4,6 +4,8 @@ it runs, and equals h = W x + b + s·B A x (or the general path) in every other 
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
@@ -37,7 +39,7 @@ def test_without_grad_it_is_the_grad_kernel_bit_for_bit(bias, shape):
     layer = layer_with(bias=bias)
     x = torch.randn(*shape)
     with torch.no_grad():
-        assert layer._forward_without_grad(x) is not None  # the fast path runs
+        assert layer._fusable_adapter(x) == "default"  # the fast path runs
         fast = layer(x)
     assert torch.equal(fast, layer(x))  # grad enabled: the fused autograd kernel
     torch.testing.assert_close(fast, reference(layer, x), rtol=0, atol=1e-5)
@@ -45,24 +47,41 @@ def test_without_grad_it_is_the_grad_kernel_bit_for_bit(bias, shape):
 
 def test_settings_it_does_not_cover_take_the_general_path():
     x = torch.randn(2, 3, 16)
-    cases = {
-        "two adapters": layer_with(),
-        "own bias": layer_with(train_bias=True),
-        "dropout in training": layer_with(dropout=0.3).train(),
-        "merged": layer_with(),
-        "pissa": layer_with(init="pissa"),
-    }
+    cases = {"two adapters": layer_with(), "merged": layer_with(), "autocast": layer_with()}
     cases["two adapters"].add_adapter("other", rank=2, alpha=2)
     cases["two adapters"].set_active(["default", "other"])
     cases["merged"].merge(["default"])
     for what, layer in cases.items():
-        with torch.no_grad():
-            assert layer._forward_without_grad(x) is None, what
+        with torch.no_grad(), torch.autocast("cpu", enabled=what == "autocast"):
+            assert layer._fusable_adapter(x) is None, what
     with torch.no_grad():  # and what they give is still W x + Σ s·B A x
         both = cases["two adapters"]
         torch.testing.assert_close(both(x), reference(both, x) + both.scaling["other"] * (
             x @ both.lora_A["other"].T @ both.lora_B["other"].T), rtol=0, atol=1e-5)
         torch.testing.assert_close(cases["merged"](x), reference(layer_with(), x), rtol=0, atol=1e-5)
+
+
+def test_an_own_bias_a_running_pissa_adapter_and_dropout_take_the_fast_path_too():
+    x = torch.randn(2, 3, 16)
+    own_bias = layer_with(train_bias=True)
+    with torch.no_grad():
+        own_bias.biases["default"].normal_()
+        assert own_bias._fusable_adapter(x) == "default"
+        torch.testing.assert_close(own_bias(x), reference(own_bias, x) - own_bias.bias + own_bias.biases["default"],
+                                   rtol=0, atol=1e-5)
+    pissa = layer_with(init="pissa")  # W holds the residual W − s·B₀A₀; the running adapter adds s·B A
+    original = layer_with().base_layer.weight
+    with torch.no_grad():
+        assert pissa._fusable_adapter(x) == "default"
+        torch.testing.assert_close(pissa(x), reference(pissa, x), rtol=0, atol=1e-5)
+        pissa.set_active([])  # switched off: W's s·B₀A₀ comes back through the general path
+        torch.testing.assert_close(pissa(x), x @ original.T + pissa.bias, rtol=0, atol=1e-5)
+    dropped = layer_with(dropout=0.5).train()
+    with torch.no_grad():
+        assert dropped._fusable_adapter(x) == "default"
+        with mock.patch("torch.nn.functional.dropout", side_effect=lambda x, p, *a, **k: x * 0) as dropout:
+            torch.testing.assert_close(dropped(x), dropped.base_layer(x), rtol=0, atol=1e-6)  # every input dropped
+        assert dropout.call_args.args[1] == 0.5
 
 
 def test_unmerged_decoding_gives_the_merged_models_tokens():

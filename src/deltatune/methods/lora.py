@@ -424,15 +424,14 @@ class LoRALayer(DeltaModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_adapter_names is not None:
             return self._forward_per_example(x)
-        if not torch.is_grad_enabled():
-            out = self._forward_without_grad(x)
-            if out is not None:
-                return out
+        name = self._fusable_adapter(x)
+        if name is not None:  # one adapter on a plain nn.Linear: training's kernel, decoding's two matmuls
+            base, own_bias = self._modules["base_layer"]._parameters, self._modules["biases"]._parameters
+            return fused_lora_linear(x, base["weight"], own_bias[name] if name in own_bias else base["bias"],
+                                     self._modules["lora_A"]._parameters[name],
+                                     self._modules["lora_B"]._parameters[name], self.scaling[name],
+                                     self.dropout[name] if self.training else 0.0)
         running = [n for n in self.active_adapters if n not in self._merged] if self._merged else self.active_adapters
-        fused = self._fusable_adapter(x, running)
-        if fused is not None:
-            return fused_lora_linear(x, self.base_layer.weight, self._bias_for(running), self.lora_A[fused],
-                                     self.lora_B[fused], self.scaling[fused], self.dropout[fused] if self.training else 0.0)
         out = self._base_forward(x, self._bias_for(running))
         for name in running:
             out = out + self._lora(x, name).to(out.dtype)
@@ -440,29 +439,30 @@ class LoRALayer(DeltaModule):
             out = out + self._svd_init_term(x, name).to(out.dtype)
         return out
 
-    def _forward_without_grad(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Decoding's path (one running adapter on a plain ``nn.Linear``, no dropout), or None for the
-        general one. Parameters are read from the module dicts directly: at batch 1 nn.Module's
-        attribute lookups cost more than the layer's matmuls."""
+    def _fusable_adapter(self, x: torch.Tensor) -> str | None:
+        """The one running adapter with which this layer's forward is x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ on a
+        frozen (or, without grad, any) ``nn.Linear`` in ``x``'s dtype, or None for the general path.
+        The module dicts are read directly: decoding calls this for every projection and token, and
+        at batch 1 nn.Module's attribute lookups cost more than the layer's matmuls."""
         running, base = self.active_adapters, self._modules["base_layer"]
-        if (len(running) != 1 or self._merged or self.svd_init_state or len(self._modules["biases"])
-                or type(base) is not nn.Linear):
+        if len(running) != 1 or self._merged or type(base) is not nn.Linear:
             return None
-        name = running[0]
-        weight = base._parameters["weight"]
-        lora_A = self._modules["lora_A"]._parameters[name]
-        if ((self.training and self.dropout[name] > 0) or not x.dtype == weight.dtype == lora_A.dtype
-                or torch.is_autocast_enabled(x.device.type)):
+        if self.svd_init_state and self._svd_inits_to_restore(running):
             return None
-        return lora_linear_without_grad(x, weight, base._parameters["bias"], lora_A,
-                                        self._modules["lora_B"]._parameters[name], self.scaling[name])
+        name, weight = running[0], base._parameters["weight"]
+        if ((weight.requires_grad and torch.is_grad_enabled()) or torch.is_autocast_enabled(x.device.type)
+                or not x.dtype == weight.dtype == self._modules["lora_A"]._parameters[name].dtype):
+            return None
+        return name
 
     def _bias_for(self, running: Sequence[str]) -> torch.Tensor | None:
         """The running adapter's own bias if it trains one, else the base layer's."""
-        if not self.biases:
-            return self.bias
-        own = [n for n in running if n in self.biases]
-        return self.biases[own[-1]] if own else self.bias
+        own = self._modules["biases"]._parameters
+        if own:
+            names = [n for n in running if n in own]
+            if names:
+                return own[names[-1]]
+        return self.bias
 
     def _base_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if bias is self.bias:
@@ -472,16 +472,6 @@ class LoRALayer(DeltaModule):
     def _svd_inits_to_restore(self, running: Sequence[str]) -> list[str]:
         """PiSSA adapters neither running nor merged: the base weight lacks their s·B₀A₀."""
         return [n for n in self.svd_init_state if n not in running and n not in self._merged]
-
-    def _fusable_adapter(self, x: torch.Tensor, running: Sequence[str]) -> str | None:
-        """The one adapter the fused kernel can run here, or None for the general path."""
-        if len(running) != 1 or self._merged or (self.svd_init_state and self._svd_inits_to_restore(running)):
-            return None
-        weight, name = self.base_layer.weight, running[0]
-        if (type(self.base_layer) is not nn.Linear or weight.requires_grad or torch.is_autocast_enabled(x.device.type)
-                or not x.dtype == weight.dtype == self.lora_A[name].dtype):
-            return None
-        return name
 
     def linear_terms(self, x: torch.Tensor) -> LinearTerms | None:
         """This layer's forward on ``x`` as x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ with at most one adapter
@@ -494,7 +484,7 @@ class LoRALayer(DeltaModule):
             if self._svd_inits_to_restore(running) or type(self.base_layer) is not nn.Linear:
                 return None
             return LinearTerms(self.base_layer.weight, self.bias)
-        name = self._fusable_adapter(x, running)
+        name = self._fusable_adapter(x)
         if name is None:
             return None
         return LinearTerms(self.base_layer.weight, self._bias_for(running), self.lora_A[name], self.lora_B[name],
