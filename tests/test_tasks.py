@@ -21,7 +21,7 @@ from deltatune.cli import main
 from deltatune.config import build_run, merge_settings, read_yaml
 from deltatune.data import IGNORE_INDEX
 from deltatune.errors import DeltatuneError
-from deltatune.predict import predict_labels
+from deltatune.predict import generate_seq2seq, predict_labels
 from deltatune.pretrained import bundled, infer_task, load_causal_lm, load_model, load_trained, read_labels
 from deltatune.runner import run_training
 from deltatune.task_data import (collate_classification, collate_seq2seq, label_names, load_classification_records,
@@ -284,7 +284,7 @@ def test_classification_errors_are_one_sentence(folders, tmp_path, capsys):
     assert "pass task=classification" in err
     err = cli_error(["predict", "--model", str(folders["llama"]), "--data", str(data),
                      "--output", str(tmp_path / "p.jsonl")], capsys)
-    assert "causal-lm model, not a classifier" in err
+    assert "causal-lm model" in err and "is a table" in err and "task=classification" in err
     err = cli_error(["generate", "--model", str(folders["llama_cls"]), "--prompt", "hi"], capsys)
     assert "is a classifier" in err and "deltatune predict" in err
 
@@ -317,6 +317,25 @@ def test_seq2seq_trains_from_the_cli_and_generates(arch, method, extra, folders,
     again = dt.load_adapter(load_model(folders[arch], "seq2seq"), output)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, again(**batch).logits)
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_predict_writes_each_sources_generation_with_its_target(arch, folders, tmp_path, capsys):
+    records = [{"source": "say cat"}, {"source": "say dog", "target": "dog"}, {"source": "say sun"}]
+    data, output = write_jsonl(tmp_path / "sources.jsonl", records), tmp_path / "out.jsonl"
+    capsys.readouterr()
+    assert main(["predict", "--model", str(folders[arch]), "--data", str(data), "--output", str(output),
+                 "--max-new-tokens", "5", "--batch-size", "2"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"output": str(output), "examples": 3}
+    model, tok, _, _ = load_trained(folders[arch])
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    for row, record in zip(rows, records):
+        [alone] = generate_seq2seq(model, tok, [record["source"]], max_new_tokens=5)
+        assert row == {"source": record["source"], "prediction": alone.strip(),
+                       **({"reference": record["target"]} if "target" in record else {})}
+    err = cli_error(["predict", "--model", str(folders[arch]), "--data", str(write_jsonl(tmp_path / "bad.jsonl", [
+        {"text": "say cat"}])), "--output", str(tmp_path / "bad-out.jsonl")], capsys)
+    assert "needs 'source' (or 'prompt')" in err and not (tmp_path / "bad-out.jsonl").exists()
 
 
 # --- models users bring: a .gguf file ------------------------------------------------------------

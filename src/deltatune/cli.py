@@ -91,30 +91,62 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from deltatune.predict import accuracy, predict_labels, trained_settings, write_jsonl
+    import torch
+
+    from deltatune.predict import write_jsonl
     from deltatune.pretrained import load_trained
-    from deltatune.task_data import load_classification_records
 
     require_writable_path("--output", args.output)
     _at_least("--batch-size", args.batch_size, 1)
     if args.max_length is not None:
         _at_least("--max-length", args.max_length, 1)
+    if args.limit is not None:
+        _at_least("--limit", args.limit, 1)
+    _check_sampling(args)
+    _check_seed(args.seed)
     model, tokenizer, task, labels = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code,
                                                   allow_pickle=args.allow_pickle)
-    if task != "classification":
-        raise DeltatuneError(f"{args.adapter or args.model} is a {task} model, not a classifier; "
-                             "use deltatune generate for text.")
+    torch.manual_seed(args.seed)  # sampling (--temperature > 0) repeats run to run
+    if task == "classification":
+        rows, summary = _predict_labels(args, model, tokenizer, labels)
+    else:
+        rows, summary = _predict_texts(args, model, tokenizer, task)
+    write_jsonl(rows, args.output)
+    print(json.dumps({"output": args.output, "examples": len(rows), **summary}, ensure_ascii=False))
+
+
+def _predict_labels(args: argparse.Namespace, model: Any, tokenizer: Any, labels: Any) -> tuple[list, dict]:
+    """``deltatune predict`` for a classifier: the label and every label's probability, per record."""
+    from deltatune.predict import accuracy, predict_labels, trained_settings
+    from deltatune.task_data import load_classification_records
+
     trained = trained_settings(args.adapter or args.model)  # columns and max_length default to the run's own
     columns = {key: getattr(args, key) or trained.get(key) for key in ("text_column", "text_pair_column")}
     records = load_classification_records(args.data, **columns, label_column=args.label_column or trained.get(
         "label_column"), require_labels=args.label_column is not None,
-        columns=_columns(args.columns) or trained.get("columns"))  # else labels, when present, give accuracy
+        columns=_columns(args.columns) or trained.get("columns"))[:args.limit]  # else labels, when present, give accuracy
     max_length = args.max_length or trained.get("train", {}).get("max_length") or 512
     rows = predict_labels(model, tokenizer, records, labels, batch_size=args.batch_size, max_length=max_length)
-    write_jsonl(rows, args.output)
     share = accuracy(rows)
-    print(json.dumps({"output": args.output, "examples": len(rows),
-                      "accuracy": None if share is None else round(share, 4)}))
+    return rows, {"accuracy": None if share is None else round(share, 4)}
+
+
+def _predict_texts(args: argparse.Namespace, model: Any, tokenizer: Any, task: str) -> tuple[list, dict]:
+    """``deltatune predict`` for a decoder or an encoder-decoder: one generation per prompt (source)."""
+    from deltatune.data import load_prompts
+    from deltatune.predict import predict_seq2seq, predict_texts
+    from deltatune.task_data import load_seq2seq_records
+
+    sampling = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                "do_sample": args.temperature > 0, "temperature": args.temperature or 1.0}
+    if task == "seq2seq":
+        records = load_seq2seq_records(args.data, _columns(args.columns), require_targets=False)[:args.limit]
+        return predict_seq2seq(model, tokenizer, records, **sampling), {}
+    if Path(args.data).suffix.lower() in (".tsv", ".csv"):
+        raise DeltatuneError(f"{args.adapter or args.model} is a {task} model: predict continues the prompts of a "
+                             f"JSONL or JSON file ({{\"prompt\": ...}} per line), and {args.data} is a table; to "
+                             "predict labels, train a classifier (task=classification)")
+    return predict_texts(model, tokenizer, load_prompts(args.data, args.limit), **sampling), {}
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -126,8 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     _check_sampling(args)
     _at_least("--batch-size", args.batch_size, 1)
-    if not 0 <= args.seed < 2**63:
-        raise DeltatuneError(f"--seed must be a whole number from 0 to 2**63 - 1, got {args.seed}: pass e.g. --seed 0")
+    _check_seed(args.seed)
     if args.json:
         require_writable_path("--json", args.json)
     model, tokenizer, task, head_labels = load_trained(args.model, args.adapter, args.dtype, args.trust_remote_code,
@@ -182,6 +213,11 @@ def _check_sampling(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise DeltatuneError(f"--temperature must be a finite number of at least 0 (0 is greedy), got "
                              f"{args.temperature}: pass e.g. --temperature 0.7")
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**63:
+        raise DeltatuneError(f"--seed must be a whole number from 0 to 2**63 - 1, got {seed}: pass e.g. --seed 0")
 
 
 def _at_least(flag: str, value: int, minimum: int) -> None:
@@ -420,13 +456,20 @@ def build_parser() -> argparse.ArgumentParser:
                             help="run the model folder's own Python code (only for folders you trust)")
     evaluation.set_defaults(func=cmd_eval)
 
-    predict = commands.add_parser("predict", help="classify records: a JSON line per record with the predicted "
-                                  "label and every label's probability")
-    predict.add_argument("--model", required=True, help="the base model folder (or a trained classifier folder)")
-    predict.add_argument("--adapter", help="the output folder of a classification run")
-    predict.add_argument("--data", required=True, help="TSV, CSV or JSONL records (text, optional text_pair, "
-                                                      "optional label: then the accuracy is printed)")
+    predict = commands.add_parser(
+        "predict", help="run a trained model over a file: a JSON line per record (a classifier's label and every "
+        "label's probability, or a generation per prompt)",
+        description="A classifier writes each record's label and every label's probability (and the accuracy, when "
+                    "the records have labels). A decoder continues each prompt of a JSONL or JSON file, laid out as "
+                    "training laid it out: prompt, Alpaca instruction/input, AdvertiseGen content, a chat ending on a "
+                    "user turn, or text to continue; an encoder-decoder reads source (or prompt). A record's own "
+                    "answer, where it has one, is written beside the generation as reference.")
+    predict.add_argument("--model", required=True, help="the base model folder (or a trained model folder)")
+    predict.add_argument("--adapter", help="the output folder of a training run")
+    predict.add_argument("--data", required=True, help="a classifier: TSV, CSV or JSONL records (text, optional "
+                         "text_pair, optional label); a generator: JSONL or a JSON array of prompts")
     predict.add_argument("--output", required=True, help="JSONL file to write")
+    predict.add_argument("--limit", type=int, help="the first N records only")
     predict.add_argument("--text-column", dest="text_column", help="default: the run's own, else text or sentence")
     predict.add_argument("--columns", help="column names of a TSV/CSV without a header row, e.g. text,label "
                                            "(default: the run's own)")
@@ -434,7 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--label-column", dest="label_column", help="default: the run's own, else label (optional)")
     predict.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     predict.add_argument("--max-length", dest="max_length", type=int,
-                         help="cut texts to this many tokens (default: the run's max_length, else 512)")
+                         help="a classifier: cut texts to this many tokens (default: the run's max_length, else 512)")
+    predict.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64,
+                         help="a generator: tokens to write per prompt at most")
+    predict.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    predict.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     predict.set_defaults(func=cmd_predict)
 
     for sub in (merge, generate, predict):

@@ -206,6 +206,52 @@ def _example_from_record(where: str, record: Any) -> Example:
     return Example(**fields)
 
 
+# What each prompt layout's answer is called: a record to predict may leave it out.
+ANSWER_OF = {"prompt": "completion", "content": "summary", "instruction": "output"}
+
+
+def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[tuple[Example, str | None]]:
+    """(example, its answer or None) for each record of a file to generate from (``deltatune predict``).
+
+    The records are the training layouts with the answer optional: ``{"prompt": ...}``, an Alpaca
+    record without ``output``, AdvertiseGen's ``content`` alone, a chat that ends on a user turn (the
+    model writes the assistant's), E2E ``MR||text`` lines; ``{"text": ...}`` is continued as it
+    stands. The example lays the prompt out as training did (``prompt_ids``); the answer, where the
+    record has one, is the reference a generation is read against.
+    """
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise DeltatuneError(f"limit must be a whole number of at least 1, got {limit!r}: pass e.g. --limit 100")
+    prompts = [_prompt_from_record(where, record) for where, record in itertools.islice(iter_records(path), limit)]
+    if not prompts:
+        raise DeltatuneError(f"data file {path} holds no records: add at least one")
+    return prompts
+
+
+def _prompt_from_record(where: str, record: Any) -> tuple[Example, str | None]:
+    if isinstance(record, dict) and "messages" in record:
+        turns = record["messages"]
+        if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get("role") != "assistant":
+            return _chat_example(where, [*turns, {"role": "assistant", "content": ""}]), None
+    elif isinstance(record, dict):
+        question = next((key for key in ANSWER_OF if key in record), None)
+        if question is not None and ANSWER_OF[question] not in record:
+            return _example_from_record(where, {**record, ANSWER_OF[question]: ""}), None
+        if question is None and "text" in record:
+            _require_strings(where, {"text": record["text"]})
+            return Example(prompt=record["text"], completion=""), None
+    example = _example_from_record(where, record)
+    return example, example.completion
+
+
+def shown_prompt(example: Example) -> dict[str, Any]:
+    """The prompt of ``example`` as a record shows it: ``{"prompt": text}``, or for a chat ``{"messages":
+    [...]}`` with the turns before the last assistant turn."""
+    if example.messages is None:
+        return {"prompt": example.prompt}
+    last = max(i for i, (role, _) in enumerate(example.messages) if role == "assistant")
+    return {"messages": [{"role": role, "content": content} for role, content in example.messages[:last]]}
+
+
 def _chat_example(where: str, messages: Any) -> Example:
     if not isinstance(messages, list) or not messages:
         raise DeltatuneError(f"{where} has 'messages' that is not a non-empty list: make it a list of "

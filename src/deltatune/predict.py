@@ -1,7 +1,9 @@
-"""Use a trained classifier or seq2seq model: class probabilities per record, and generated targets.
+"""Use a trained model on a file of records: class probabilities per record, or a generation per prompt.
 
     model, tokenizer, task, labels = load_trained("base/", "run/")     # deltatune.pretrained
     rows = predict_labels(model, tokenizer, records, labels)           # one dict per record
+    rows = predict_texts(model, tokenizer, load_prompts("p.jsonl"))    # a decoder: one generation per prompt
+    rows = predict_seq2seq(model, tokenizer, records)                  # BART, T5: one per source
     texts = generate_seq2seq(model, tokenizer, ["translate: hello"])   # BART, T5
 """
 
@@ -16,9 +18,12 @@ import torch
 from torch import nn
 
 from deltatune.atomic import atomic_file
+from deltatune.data import Example, prompt_ids, shown_prompt
 from deltatune.errors import DeltatuneError
+from deltatune.generation import generate_ids, prompt_encoder
 from deltatune.pretrained import pad_token_id
-from deltatune.task_data import ClassificationRecord, Label, collate_classification, encode_classification
+from deltatune.task_data import (ClassificationRecord, Label, Seq2SeqRecord, collate_classification,
+                                 encode_classification)
 
 
 @torch.no_grad()
@@ -46,6 +51,43 @@ def predict_labels(model: nn.Module, tokenizer: Any, records: Sequence[Classific
                 row["true_label"] = record.label
             rows.append(row)
     return rows
+
+
+@torch.no_grad()
+def predict_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[tuple[Example, str | None]], *,
+                  max_new_tokens: int = 64, batch_size: int = 16, do_sample: bool = False,
+                  temperature: float = 1.0) -> list[dict[str, Any]]:
+    """For each (example, answer) of ``data.load_prompts``: its prompt as the record showed it, the
+    model's continuation (``generate_ids``: left-padded batches, cut at the end token) and, when the
+    record has one, its answer as ``reference``. The rows keep the records' order."""
+    model.eval()
+    encode = prompt_encoder(model, tokenizer)
+    new_ids = generate_ids(model, [prompt_ids(example, tokenizer, encode) for example, _ in prompts],
+                           pad_token_id=pad_token_id(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
+                           temperature=temperature)
+    return [_generation_row(shown_prompt(example), tokenizer.decode(ids, skip_special_tokens=True), answer)
+            for (example, answer), ids in zip(prompts, new_ids)]
+
+
+def predict_seq2seq(model: nn.Module, tokenizer: Any, records: Sequence[Seq2SeqRecord], *, max_new_tokens: int = 64,
+                    batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0) -> list[dict[str, Any]]:
+    """For each record: its source, the decoder's output and, when the record has one, its target
+    as ``reference``."""
+    rows = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        texts = generate_seq2seq(model, tokenizer, [record.source for record in chunk], max_new_tokens=max_new_tokens,
+                                 do_sample=do_sample, temperature=temperature)
+        rows += [_generation_row({"source": record.source}, text, record.target) for record, text in zip(chunk, texts)]
+    return rows
+
+
+def _generation_row(prompt: dict[str, Any], generated: str, reference: str | None) -> dict[str, Any]:
+    row = {**prompt, "prediction": generated.strip()}
+    if reference is not None:
+        row["reference"] = reference
+    return row
 
 
 def trained_settings(folder: str | os.PathLike | None) -> dict[str, Any]:

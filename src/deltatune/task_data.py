@@ -52,7 +52,7 @@ class ClassificationRecord:
 @dataclass(frozen=True)
 class Seq2SeqRecord:
     source: str
-    target: str
+    target: str | None  # None: no target (data to predict)
 
 
 # --- reading rows ----------------------------------------------------------------------------
@@ -306,25 +306,31 @@ def collate_classification(batch: Sequence[dict[str, Any]], pad_token_id: int) -
 
 
 # --- seq2seq --------------------------------------------------------------------------------
-def load_seq2seq_records(path: str | os.PathLike, columns: Sequence[str] | None = None) -> list[Seq2SeqRecord]:
+def load_seq2seq_records(path: str | os.PathLike, columns: Sequence[str] | None = None,
+                         require_targets: bool = True) -> list[Seq2SeqRecord]:
     """``source``/``target`` (or ``prompt``/``completion``) of every row of a JSONL, JSON, TSV or CSV file
-    (``columns``: the column names of a table without a header row)."""
-    return list(iter_seq2seq_records(path, columns))
+    (``columns``: the column names of a table without a header row; ``require_targets``: see
+    ``iter_seq2seq_records``)."""
+    return list(iter_seq2seq_records(path, columns, require_targets))
 
 
-def iter_seq2seq_records(path: str | os.PathLike, columns: Sequence[str] | None = None) -> Iterator[Seq2SeqRecord]:
-    """The records of ``load_seq2seq_records``, read one row at a time."""
+def iter_seq2seq_records(path: str | os.PathLike, columns: Sequence[str] | None = None,
+                         require_targets: bool = True) -> Iterator[Seq2SeqRecord]:
+    """The records of ``load_seq2seq_records``, read one row at a time; without ``require_targets``
+    a row may have its source alone (data to predict), and its ``target`` is None."""
     for where, row in iter_rows(path, columns):
         pair = next(((s, t) for s, t in SOURCE_TARGET_COLUMNS if s in row and t in row), None)
+        if pair is None and not require_targets:
+            pair = next(((s, None) for s, _ in SOURCE_TARGET_COLUMNS if s in row), None)
         if pair is None:
-            raise DeltatuneError(f"{where} has fields {sorted(row)} but a seq2seq record needs 'source' and 'target' "
-                                 "(or 'prompt' and 'completion'): rename them.")
-        for key in pair:
+            needs = "'source' and 'target' (or 'prompt' and 'completion')" if require_targets else "'source' (or 'prompt')"
+            raise DeltatuneError(f"{where} has fields {sorted(row)} but a seq2seq record needs {needs}: rename them.")
+        for key in (key for key in pair if key is not None):
             if not isinstance(row[key], str):
                 raise DeltatuneError(f"{where} has a {type(row[key]).__name__} in {key!r} where text is expected: "
                                      "make it a string")
             require_unicode(where, key, row[key])
-        yield Seq2SeqRecord(source=row[pair[0]], target=row[pair[1]])
+        yield Seq2SeqRecord(source=row[pair[0]], target=None if pair[1] is None else row[pair[1]])
 
 
 def tokenize_seq2seq(records: Iterable[Seq2SeqRecord], tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
