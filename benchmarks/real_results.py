@@ -29,7 +29,7 @@ SEED = 0
 TASKS = {
     "sst2": {"methods": "full,freeze,lora,qlora,adapter,prefix,prompt,ptuning,ptuning-v2",
              "settings": ["task=classification", "batch_size=16", "max_length=64"], "steps": 150, "eval": 500},
-    "e2e": {"methods": "full,lora,qlora,prefix,ptuning-v2,prompt",
+    "e2e": {"methods": "full,freeze,lora,qlora,adapter,prefix,prompt,ptuning,ptuning-v2",
             "settings": ["batch_size=8", "max_length=128"], "steps": 100, "eval": 48},
     "advertisegen": {"methods": "full,lora,qlora,prefix,ptuning-v2,prompt",
                      "settings": ["batch_size=4", "max_length=256"], "steps": 100, "eval": 32},

@@ -76,7 +76,7 @@ def test_weight_training_methods_refuse_disabled_and_a_second_adapter():
 def test_each_method_ships_its_own_learning_rate(tmp_path):
     settings = {"model": "m", "data": "d", "output": str(tmp_path)}
     assert build_run({**settings, "method": "full"}).train.learning_rate == 2e-5
-    assert build_run({**settings, "method": "freeze"}).train.learning_rate == 5e-5
+    assert build_run({**settings, "method": "freeze"}).train.learning_rate == 3e-4
     assert build_run({**settings, "method": "full", "learning_rate": 1e-4}).train.learning_rate == 1e-4  # the user's wins
     lora_default = dt.LoRA.training_defaults.get("learning_rate", TrainConfig().learning_rate)
     assert build_run({**settings, "method": "lora"}).train.learning_rate == lora_default

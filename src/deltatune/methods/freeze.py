@@ -49,7 +49,7 @@ class FreezeTuning(WeightTrainingMethod):
     peft_type: ClassVar[str] = "FREEZE"  # deltatune's own: peft has no such adapter type
     cli_name: ClassVar[str] = "freeze"
     artifact: ClassVar[str] = "adapter"  # only the trained tensors, keyed as in the base model
-    training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 5e-5}
+    training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 3e-4}  # see README: learning rates
 
     def __post_init__(self) -> None:
         if isinstance(self.modules, str):  # one regex over the whole path
