@@ -39,7 +39,7 @@ def test_without_grad_it_is_the_grad_kernel_bit_for_bit(bias, shape):
     layer = layer_with(bias=bias)
     x = torch.randn(*shape)
     with torch.no_grad():
-        assert layer._fusable_adapter(x) == "default"  # the fast path runs
+        assert layer._fused_terms(x) is not None  # the fast path runs
         fast = layer(x)
     assert torch.equal(fast, layer(x))  # grad enabled: the fused autograd kernel
     torch.testing.assert_close(fast, reference(layer, x), rtol=0, atol=1e-5)
@@ -53,7 +53,7 @@ def test_settings_it_does_not_cover_take_the_general_path():
     cases["merged"].merge(["default"])
     for what, layer in cases.items():
         with torch.no_grad(), torch.autocast("cpu", enabled=what == "autocast"):
-            assert layer._fusable_adapter(x) is None, what
+            assert layer._fused_terms(x) is None, what
     with torch.no_grad():  # and what they give is still W x + Σ s·B A x
         both = cases["two adapters"]
         torch.testing.assert_close(both(x), reference(both, x) + both.scaling["other"] * (
@@ -66,19 +66,19 @@ def test_an_own_bias_a_running_pissa_adapter_and_dropout_take_the_fast_path_too(
     own_bias = layer_with(train_bias=True)
     with torch.no_grad():
         own_bias.biases["default"].normal_()
-        assert own_bias._fusable_adapter(x) == "default"
+        assert own_bias._fused_terms(x) is not None
         torch.testing.assert_close(own_bias(x), reference(own_bias, x) - own_bias.bias + own_bias.biases["default"],
                                    rtol=0, atol=1e-5)
     pissa = layer_with(init="pissa")  # W holds the residual W − s·B₀A₀; the running adapter adds s·B A
     original = layer_with().base_layer.weight
     with torch.no_grad():
-        assert pissa._fusable_adapter(x) == "default"
+        assert pissa._fused_terms(x) is not None
         torch.testing.assert_close(pissa(x), reference(pissa, x), rtol=0, atol=1e-5)
         pissa.set_active([])  # switched off: W's s·B₀A₀ comes back through the general path
         torch.testing.assert_close(pissa(x), x @ original.T + pissa.bias, rtol=0, atol=1e-5)
     dropped = layer_with(dropout=0.5).train()
     with torch.no_grad():
-        assert dropped._fusable_adapter(x) == "default"
+        assert dropped._fused_terms(x) is not None
         with mock.patch("torch.nn.functional.dropout", side_effect=lambda x, p, *a, **k: x * 0) as dropout:
             torch.testing.assert_close(dropped(x), dropped.base_layer(x), rtol=0, atol=1e-6)  # every input dropped
         assert dropout.call_args.args[1] == 0.5

@@ -424,13 +424,9 @@ class LoRALayer(DeltaModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_adapter_names is not None:
             return self._forward_per_example(x)
-        name = self._fusable_adapter(x)
-        if name is not None:  # one adapter on a plain nn.Linear: training's kernel, decoding's two matmuls
-            base, own_bias = self._modules["base_layer"]._parameters, self._modules["biases"]._parameters
-            return fused_lora_linear(x, base["weight"], own_bias[name] if name in own_bias else base["bias"],
-                                     self._modules["lora_A"]._parameters[name],
-                                     self._modules["lora_B"]._parameters[name], self.scaling[name],
-                                     self.dropout[name] if self.training else 0.0)
+        terms = self._fused_terms(x)
+        if terms is not None:  # one adapter on a plain nn.Linear: training's kernel, decoding's two matmuls
+            return fused_lora_linear(x, *terms)
         running = [n for n in self.active_adapters if n not in self._merged] if self._merged else self.active_adapters
         out = self._base_forward(x, self._bias_for(running))
         for name in running:
@@ -439,21 +435,26 @@ class LoRALayer(DeltaModule):
             out = out + self._svd_init_term(x, name).to(out.dtype)
         return out
 
-    def _fusable_adapter(self, x: torch.Tensor) -> str | None:
-        """The one running adapter with which this layer's forward is x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ on a
-        frozen (or, without grad, any) ``nn.Linear`` in ``x``'s dtype, or None for the general path.
-        The module dicts are read directly: decoding calls this for every projection and token, and
-        at batch 1 nn.Module's attribute lookups cost more than the layer's matmuls."""
+    def _fused_terms(self, x: torch.Tensor) -> tuple | None:
+        """(W, b, A, B, s, dropout) of the one running adapter when this layer's forward is
+        x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ on a frozen (or, without grad, any) ``nn.Linear`` in ``x``'s dtype
+        (``LinearTerms``' fields, in order); None for the general path. The module dicts are read
+        directly: decoding calls this for every projection and token, and at batch 1 nn.Module's
+        attribute lookups cost more than the layer's matmuls."""
         running, base = self.active_adapters, self._modules["base_layer"]
         if len(running) != 1 or self._merged or type(base) is not nn.Linear:
             return None
         if self.svd_init_state and self._svd_inits_to_restore(running):
             return None
-        name, weight = running[0], base._parameters["weight"]
+        name, base = running[0], base._parameters
+        weight, lora_A = base["weight"], self._modules["lora_A"]._parameters[name]
         if ((weight.requires_grad and torch.is_grad_enabled()) or torch.is_autocast_enabled(x.device.type)
-                or not x.dtype == weight.dtype == self._modules["lora_A"]._parameters[name].dtype):
+                or not x.dtype == weight.dtype == lora_A.dtype):
             return None
-        return name
+        own_bias = self._modules["biases"]._parameters
+        return (weight, own_bias[name] if name in own_bias else base["bias"], lora_A,
+                self._modules["lora_B"]._parameters[name], self.scaling[name],
+                self.dropout[name] if self.training else 0.0)
 
     def _bias_for(self, running: Sequence[str]) -> torch.Tensor | None:
         """The running adapter's own bias if it trains one, else the base layer's."""
@@ -484,11 +485,8 @@ class LoRALayer(DeltaModule):
             if self._svd_inits_to_restore(running) or type(self.base_layer) is not nn.Linear:
                 return None
             return LinearTerms(self.base_layer.weight, self.bias)
-        name = self._fusable_adapter(x)
-        if name is None:
-            return None
-        return LinearTerms(self.base_layer.weight, self._bias_for(running), self.lora_A[name], self.lora_B[name],
-                           self.scaling[name], self.dropout[name] if self.training else 0.0)
+        terms = self._fused_terms(x)
+        return None if terms is None else LinearTerms(*terms)
 
     def _low_rank(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
                   dropout: float = 0.0) -> torch.Tensor:
