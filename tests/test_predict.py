@@ -8,6 +8,7 @@ Classifiers (`predict_labels`) and encoder-decoders are tested with their tasks 
 from __future__ import annotations
 
 import copy
+import shutil
 import json
 from pathlib import Path
 
@@ -123,3 +124,24 @@ def test_a_table_for_a_decoder_says_what_predict_reads(tmp_path, capsys):
     assert main(["predict", "--model", str(MODEL), "--data", str(data), "--output", str(tmp_path / "p.jsonl")]) == 1
     err = capsys.readouterr().err
     assert "causal-lm model" in err and "is a table" in err and "task=classification" in err
+
+
+def test_generate_chat_sends_the_prompt_as_the_users_turn(tmp_path, capsys):
+    folder = tmp_path / "chat-model"
+    shutil.copytree(MODEL, folder)
+    tokenizer = load_tokenizer(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder), "--prompt", "Tell me a story.", "--chat",
+                 "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip()
+    model, tokenizer = load_causal_lm(folder), load_tokenizer(folder)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story."}], tokenize=False,
+                                             add_generation_prompt=True)
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    new = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(ids):]
+    assert printed == tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert main(["generate", "--model", str(MODEL), "--prompt", "Hi", "--chat"]) == 1  # no template: one sentence
+    err = capsys.readouterr().err
+    assert "has no chat template" in err and len(err.strip().splitlines()) == 1

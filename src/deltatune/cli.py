@@ -84,7 +84,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
                 "temperature": args.temperature or 1.0}
     if task == "seq2seq":  # the decoder writes a new text: print it alone
+        if args.chat:
+            raise DeltatuneError(f"{args.adapter or args.model} is an encoder-decoder, which has no chat template; "
+                                 "leave out --chat.")
         print(generate_seq2seq(model, tokenizer, [prompt], **sampling)[0])
+        return
+    if args.chat:  # the prompt is the user's turn; the reply is printed alone
+        from deltatune.data import Example
+        from deltatune.predict import predict_texts
+
+        turn = Example(prompt="", completion="", messages=(("user", prompt), ("assistant", "")))
+        print(predict_texts(model, tokenizer, [(turn, None)], **sampling)[0]["prediction"])
         return
     [text] = generate_text(model, tokenizer, [prompt], **sampling)
     print(prompt + text)
@@ -428,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     generate.add_argument("--escapes", action="store_true", help="read \\n and \\t in --prompt as escapes")
+    generate.add_argument("--chat", action="store_true", help="send --prompt as the user's turn through the "
+                          "tokenizer's chat template (a model trained on messages records) and print the reply")
     generate.set_defaults(func=cmd_generate)
 
     evaluation = commands.add_parser(
