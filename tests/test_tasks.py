@@ -246,6 +246,17 @@ def test_decoder_classifier_learns_and_predict_writes_probabilities(folders, tmp
         assert abs(sum(row["probabilities"].values()) - 1) < 1e-5
 
 
+def test_predict_limit_reads_no_further_than_the_records_it_keeps(folders, tmp_path, capsys):
+    broken = [{"text": t, "label": y} for t, y in SENTENCES[:2]] + [{"label": "pos"}]  # the third has no text
+    data, output = write_jsonl(tmp_path / "d.jsonl", broken), tmp_path / "p.jsonl"
+    capsys.readouterr()
+    assert main(["predict", "--model", str(folders["llama_cls"]), "--data", str(data), "--output", str(output),
+                 "--limit", "2"]) == 0
+    assert [json.loads(line)["text"] for line in output.read_text().splitlines()] == [t for t, _ in SENTENCES[:2]]
+    assert "has no 'text' field" in cli_error(["predict", "--model", str(folders["llama_cls"]), "--data", str(data),
+                                                "--output", str(output)], capsys)
+
+
 def test_decoder_classifier_reads_the_last_token_whatever_the_padding(folders, tmp_path):
     model, tok, _, labels = load_trained(folders["llama_cls"])
     assert labels == ["LABEL_0", "LABEL_1", "LABEL_2"]  # a classifier folder's own labels

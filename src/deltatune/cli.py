@@ -6,6 +6,7 @@ Every error a person can fix is one line on stderr and exit status 1 — never a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -128,13 +129,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def _predict_labels(args: argparse.Namespace, model: Any, tokenizer: Any, labels: Any) -> tuple[list, dict]:
     """``deltatune predict`` for a classifier: the label and every label's probability, per record."""
     from deltatune.predict import accuracy, predict_labels, trained_settings
-    from deltatune.task_data import load_classification_records
+    from deltatune.task_data import iter_classification_records
 
     trained = trained_settings(args.adapter or args.model)  # columns and max_length default to the run's own
     columns = {key: getattr(args, key) or trained.get(key) for key in ("text_column", "text_pair_column")}
-    records = load_classification_records(args.data, **columns, label_column=args.label_column or trained.get(
-        "label_column"), require_labels=args.label_column is not None,
-        columns=_columns(args.columns) or trained.get("columns"))[:args.limit]  # else labels, when present, give accuracy
+    records = list(itertools.islice(iter_classification_records(  # the file is read up to --limit only
+        args.data, **columns, label_column=args.label_column or trained.get("label_column"),
+        require_labels=args.label_column is not None,  # else labels, when present, give accuracy
+        columns=_columns(args.columns) or trained.get("columns")), args.limit))
     max_length = args.max_length or trained.get("train", {}).get("max_length") or 512
     rows = predict_labels(model, tokenizer, records, labels, batch_size=args.batch_size, max_length=max_length)
     share = accuracy(rows)
@@ -145,12 +147,13 @@ def _predict_texts(args: argparse.Namespace, model: Any, tokenizer: Any, task: s
     """``deltatune predict`` for a decoder or an encoder-decoder: one generation per prompt (source)."""
     from deltatune.data import load_prompts
     from deltatune.predict import predict_seq2seq, predict_texts
-    from deltatune.task_data import load_seq2seq_records
+    from deltatune.task_data import iter_seq2seq_records
 
     sampling = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                 "do_sample": args.temperature > 0, "temperature": args.temperature or 1.0}
     if task == "seq2seq":
-        records = load_seq2seq_records(args.data, _columns(args.columns), require_targets=False)[:args.limit]
+        records = list(itertools.islice(iter_seq2seq_records(args.data, _columns(args.columns), require_targets=False),
+                                        args.limit))
         return predict_seq2seq(model, tokenizer, records, **sampling), {}
     if Path(args.data).suffix.lower() in (".tsv", ".csv"):
         raise DeltatuneError(f"{args.adapter or args.model} is a {task} model: predict continues the prompts of a "
