@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU half of the benchmark section in one run: every side-by-side figure of issue 10 with
 # `--device cuda`, plus the test that needs a CUDA device. Made for a lent machine's short lease
-# (at most 10 minutes, every limit reached; far less on one H200): each step has its own time limit, and a step that fails or runs
-# out of time is reported and the next one runs.
+# (at most 10 minutes with every limit reached; far less on one H200): each step has its own time
+# limit, and a step that fails or runs out of time is reported and the next one runs.
 #
 #   bash benchmarks/gpu_checks.sh                 # writes $OUT (or gpu-results/): checks.log + JSON files
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_checks.sh   # smoke run of the script itself, on any machine

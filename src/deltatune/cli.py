@@ -247,11 +247,11 @@ def _columns(value: str | None) -> tuple[str, ...] | None:
 
 def _eval_task_model(args: argparse.Namespace, model: Any, tokenizer: Any, task: str, head_labels: Any) -> None:
     """``deltatune eval`` for a classification head or an encoder-decoder, on that task's records."""
+    from deltatune.data import require_limit
     from deltatune.evaluation import evaluate_classifier, evaluate_seq2seq, is_chinese
     from deltatune.task_data import load_classification_records, load_seq2seq_records
 
-    if args.limit is not None and args.limit < 1:
-        raise DeltatuneError(f"limit must be a whole number of at least 1, got {args.limit}: pass e.g. --limit 100")
+    require_limit(args.limit)
     if task == "classification":
         records = load_classification_records(args.data, columns=_columns(args.columns))[:args.limit]
         metrics = evaluate_classifier(model, tokenizer, records, head_labels, batch_size=args.batch_size,

@@ -84,12 +84,17 @@ def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[Exa
 
     ``limit`` keeps the first ``limit`` examples (the rest of the file is not read).
     """
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise DeltatuneError(f"limit must be a whole number of at least 1, got {limit!r}: pass e.g. --limit 100")
+    require_limit(limit)
     examples = list(itertools.islice(iter_examples(path), limit))
     if not examples:
         raise DeltatuneError(f"data file {path} holds no examples: add at least one record")
     return examples
+
+
+def require_limit(limit: int | None) -> None:
+    """``limit`` (keep the first ``limit`` records) is None or a whole number of at least 1."""
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise DeltatuneError(f"limit must be a whole number of at least 1, got {limit!r}: pass e.g. --limit 100")
 
 
 def iter_examples(path: str | os.PathLike) -> Iterator[Example]:
@@ -219,8 +224,7 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[tupl
     stands. The example lays the prompt out as training did (``prompt_ids``); the answer, where the
     record has one, is the reference a generation is read against.
     """
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise DeltatuneError(f"limit must be a whole number of at least 1, got {limit!r}: pass e.g. --limit 100")
+    require_limit(limit)
     prompts = [_prompt_from_record(where, record) for where, record in itertools.islice(iter_records(path), limit)]
     if not prompts:
         raise DeltatuneError(f"data file {path} holds no records: add at least one")

@@ -269,11 +269,9 @@ def evaluate_seq2seq(model: nn.Module, tokenizer: Any, records: Sequence[Any], *
     for record in records:
         groups.setdefault(record.source, []).append(record.target.strip())
     sources = list(groups)
-    hypotheses: list[str] = []
-    for start in range(0, len(sources), batch_size):
-        hypotheses += [text.strip() for text in generate_seq2seq(
-            model, tokenizer, sources[start:start + batch_size], max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature)]
+    hypotheses = [text.strip() for text in generate_seq2seq(model, tokenizer, sources, max_new_tokens=max_new_tokens,
+                                                            do_sample=do_sample, temperature=temperature,
+                                                            batch_size=batch_size)]
     metrics: dict[str, float | int] = dict(generation_metrics(hypotheses, list(groups.values()), chinese=chinese))
     items = tokenize_seq2seq(records, tokenizer, max_length)
     device, total, count = _device(model), 0.0, 0

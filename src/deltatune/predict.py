@@ -74,13 +74,9 @@ def predict_seq2seq(model: nn.Module, tokenizer: Any, records: Sequence[Seq2SeqR
                     batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0) -> list[dict[str, Any]]:
     """For each record: its source, the decoder's output and, when the record has one, its target
     as ``reference``."""
-    rows = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        texts = generate_seq2seq(model, tokenizer, [record.source for record in chunk], max_new_tokens=max_new_tokens,
-                                 do_sample=do_sample, temperature=temperature)
-        rows += [_generation_row({"source": record.source}, text, record.target) for record, text in zip(chunk, texts)]
-    return rows
+    texts = generate_seq2seq(model, tokenizer, [record.source for record in records], max_new_tokens=max_new_tokens,
+                             do_sample=do_sample, temperature=temperature, batch_size=batch_size)
+    return [_generation_row({"source": record.source}, text, record.target) for record, text in zip(records, texts)]
 
 
 def _generation_row(prompt: dict[str, Any], generated: str, reference: str | None) -> dict[str, Any]:
@@ -123,14 +119,19 @@ def write_jsonl(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None
 
 @torch.no_grad()
 def generate_seq2seq(model: nn.Module, tokenizer: Any, sources: Sequence[str], max_new_tokens: int = 64,
-                     do_sample: bool = False, temperature: float = 1.0) -> list[str]:
-    """The decoder's output for each source (encoder inputs right-padded into one batch)."""
+                     do_sample: bool = False, temperature: float = 1.0, batch_size: int = 16) -> list[str]:
+    """The decoder's output for each source, ``batch_size`` sources at a time (encoder inputs
+    right-padded within a batch)."""
     model.eval()
-    records = [ClassificationRecord(text=source, label=None) for source in sources]
     pad = pad_token_id(tokenizer)
-    batch = collate_classification(encode_classification(records, tokenizer, max_length=10**9), pad)
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
-    output = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                            max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in output]
+    texts = []
+    for start in range(0, len(sources), batch_size):
+        records = [ClassificationRecord(text=source, label=None) for source in sources[start:start + batch_size]]
+        batch = collate_classification(encode_classification(records, tokenizer, max_length=10**9), pad)
+        output = model.generate(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device),
+                                max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+        texts += [tokenizer.decode(row, skip_special_tokens=True) for row in output]
+    return texts
