@@ -75,7 +75,7 @@ class PTuning(Method):
     peft_type: ClassVar[str] = "P_TUNING"
     peft_module_root: ClassVar[str] = "base_model."  # peft wraps prompt-learning models one level less
     cli_name: ClassVar[str] = "ptuning"
-    training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 1e-2}  # see README: learning rates
+    training_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 3e-3}  # see README: learning rates
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules_to_save", require_names("modules_to_save", self.modules_to_save or ()))
